@@ -1,0 +1,1 @@
+"""Worker processes and collectives (torchrun launcher, job channel, parallel strategies)."""

@@ -1,0 +1,16 @@
+"""``python -m liveavatar``: bootstrap the pack under its fixed name, then run the CLI."""
+import sys
+
+from .bootstrap import load_pack
+
+
+def main() -> int:
+    pack = load_pack()
+    from importlib import import_module
+
+    cli = import_module(f"{pack.__name__}.cli")
+    return cli.main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

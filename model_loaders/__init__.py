@@ -1,0 +1,1 @@
+"""Checkpoint files -> engine modules: format detection, key maps, LoRA, precision, placement."""
