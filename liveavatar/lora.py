@@ -13,6 +13,7 @@ import torch.nn as nn
 
 LIVEAVATAR_RANK = 128
 LIVEAVATAR_ALPHA = 64.0
+LIVEAVATAR_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 _ALPHA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.alpha$")
@@ -32,6 +33,7 @@ class LoraPair:
 @dataclass
 class LoraReport:
     merged: list[str] = field(default_factory=list)
+    uncovered: list[str] = field(default_factory=list)  # target Linears the file does not touch
     rank: int = 0
     alpha: float = 0.0
 
@@ -40,7 +42,10 @@ class LoraReport:
         return self.alpha / self.rank
 
     def summary(self) -> str:
-        return f"merged {len(self.merged)} LoRA matrices (rank {self.rank}, alpha {self.alpha:g})"
+        text = f"merged {len(self.merged)} LoRA matrices (rank {self.rank}, alpha {self.alpha:g})"
+        if self.uncovered:
+            text += f"; {len(self.uncovered)} target layers not covered (e.g. {self.uncovered[0]})"
+        return text
 
 
 def parse_lora_state_dict(state: dict[str, torch.Tensor]) -> dict[str, LoraPair]:
@@ -88,7 +93,12 @@ def resolve_alpha(pairs: dict[str, LoraPair], config_alpha: float | None) -> tup
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module, state: dict[str, torch.Tensor], config_alpha: float | None = None) -> LoraReport:
+def merge_lora(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    config_alpha: float | None = None,
+    targets: tuple[str, ...] = LIVEAVATAR_TARGETS,
+) -> LoraReport:
     """Merge a PEFT LoRA state dict into ``model``'s Linear weights in place.
 
     Every LoRA module must be an ``nn.Linear`` of the model with matching shapes,
@@ -112,6 +122,10 @@ def merge_lora(model: nn.Module, state: dict[str, torch.Tensor], config_alpha: f
         plan.append((name, module, pair))
     scaling = alpha / rank
     report = LoraReport(rank=rank, alpha=alpha)
+    report.uncovered = [
+        name for name, module in modules.items()
+        if isinstance(module, nn.Linear) and name not in pairs and any(name == t or name.endswith("." + t) for t in targets)
+    ]
     for name, module, pair in plan:
         w = module.weight
         delta = (pair.b.to(w.device, torch.float32) @ pair.a.to(w.device, torch.float32)) * scaling
