@@ -277,6 +277,10 @@ class LiveAvatarTransformer(nn.Module):
 
     # Small modules upstream runs under float32 autocast; they stay float32 in any precision.
     keep_in_fp32 = ("time_embedding", "time_projection", "casual_audio_encoder", "modulation")
+    # Optional self-attention router (e.g. heads split across ranks): ``scatter(t)`` maps q, k, v
+    # [B, H, L, D] to the heads this process attends (and caches), ``gather(y)`` maps the
+    # attention output of those heads back to all H heads. None: attend all heads here.
+    attention_backend = None
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -311,6 +315,13 @@ class LiveAvatarTransformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.patch_embedding.weight.device
+
+    def routed(self, attend):
+        """``attend`` through ``attention_backend`` when one is set."""
+        backend = self.attention_backend
+        if backend is None:
+            return attend
+        return lambda q, k, v: backend.gather(attend(backend.scatter(q), backend.scatter(k), backend.scatter(v)))
 
     def sink_tokens(self, h: int, w: int) -> int:
         """Number of sink tokens (reference + packed motion) at latent size h x w."""
@@ -364,7 +375,7 @@ class LiveAvatarTransformer(nn.Module):
                 cond.write(layer, k, v)
                 return attention(apply_rope(q, table), apply_rope(k, table), v)
 
-            x = block(x, m0, text.kv[layer], attend)
+            x = block(x, m0, text.kv[layer], self.routed(attend))
 
     # ----------------------------------------------------------------- block
     def encode_audio(self, audio: torch.Tensor, prefix_frames: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,7 +447,7 @@ class LiveAvatarTransformer(nn.Module):
                 values = torch.cat([cv, sv], dim=2)
                 return attention(apply_rope(q, table), keys, values)
 
-            tokens = block(tokens, m, text.kv[layer], attend)
+            tokens = block(tokens, m, text.kv[layer], self.routed(attend))
             injector = self.injector_of_layer.get(layer)
             if injector is not None:
                 audio_kv = self.audio_injector.injector[injector].context_kv(audio_tokens)
