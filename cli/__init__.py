@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import commands
@@ -23,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except commands.UserError as err:
+    except (commands.UserError, ValueError, OSError) as err:
+        # Bad input or a file problem: a message the user can act on, not a traceback
+        # (set LIVEAVATAR_DEBUG=1 to see where it came from).
+        if os.environ.get("LIVEAVATAR_DEBUG"):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -25,4 +25,30 @@ class Info:
         return 0
 
 
-ALL = [Info()]
+class Demo:
+    """Tiny random-weight models with the real architecture, synthetic face and voice -> an MP4 with sound."""
+
+    name = "demo"
+
+    def register(self, sub: argparse._SubParsersAction) -> None:
+        p = sub.add_parser(self.name, help="run the whole pipeline on tiny random models (CPU, < 1 min)",
+                           description=self.__doc__)
+        p.add_argument("--out", default="demo.mp4", help="output MP4 (default demo.mp4)")
+        p.add_argument("--size", default="256*256", help="maximum pixel area W*H (default 256*256)")
+        p.add_argument("--seconds", type=float, default=3.5, help="length of the synthetic speech")
+        p.add_argument("--num-clips", type=int, default=0, help="clips to generate (0: follow the audio)")
+        p.add_argument("--steps", type=int, default=4)
+        p.add_argument("--frames-per-clip", type=int, default=48)
+        p.add_argument("--seed", type=int, default=42)
+        p.add_argument("--prompt", default="a person talking to the camera")
+        p.set_defaults(run=self.run)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from .demo import run_demo
+
+        path = run_demo(args)
+        print(f"wrote {path}")
+        return 0
+
+
+ALL = [Info(), Demo()]

@@ -27,3 +27,49 @@ def randomize_(module: nn.Module, seed: int, std: float = 0.1) -> nn.Module:
 def tiny_transformer(seed: int = 0, cfg: DiTConfig = TINY) -> LiveAvatarTransformer:
     """A random LiveAvatar DiT of config ``cfg`` (the TINY preset by default), in eval mode."""
     return randomize_(LiveAvatarTransformer(cfg), seed).eval()
+
+
+def tiny_vae(seed: int = 0, base_dim: int = 4):
+    """A random Wan 2.1-structure VAE (z 16, stride 4x8x8) with Wan's latent mean/std."""
+    from diffusers import AutoencoderKLWan
+
+    from .vae import WanVAE
+
+    torch.manual_seed(seed)
+    model = AutoencoderKLWan(base_dim=base_dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                             attn_scales=[], temperal_downsample=[False, True, True])
+    return WanVAE(model.eval())
+
+
+def tiny_audio_encoder(seed: int = 0, hidden: int = 16):
+    """A random wav2vec2 with the real large-xlsr structure (24 layers -> 25 hidden states), shrunk."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    torch.manual_seed(seed)
+    config = Wav2Vec2Config(
+        hidden_size=hidden, num_hidden_layers=24, num_attention_heads=2, intermediate_size=2 * hidden,
+        conv_dim=(hidden,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
+        num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16, feat_extract_norm="layer",
+        do_stable_layer_norm=True, vocab_size=32,
+    )
+    return Wav2Vec2Model(config).eval()
+
+
+def tiny_text_encoder(seed: int = 0, dim: int = 32, vocab: int = 256):
+    """A random umT5 encoder (gated-gelu, per-layer relative position bias), shrunk."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    config = UMT5Config(vocab_size=vocab, d_model=dim, d_kv=dim // 4, d_ff=2 * dim, num_layers=2, num_heads=4,
+                        relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                        feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    return UMT5EncoderModel(config).eval()
+
+
+def byte_tokens(prompt: str, vocab: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids for tiny text encoders that have no tokenizer: UTF-8 bytes folded into the vocab, then EOS (1)."""
+    ids = [2 + b % (vocab - 2) for b in prompt.encode("utf-8")][: length - 1] + [1]
+    padded = torch.zeros(1, length, dtype=torch.int64)
+    padded[0, : len(ids)] = torch.tensor(ids)
+    mask = (torch.arange(length) < len(ids)).to(torch.int64)[None]
+    return padded, mask

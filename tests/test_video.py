@@ -1,7 +1,6 @@
 """Streaming MP4 writer: H.264 frames + muxed sound, partial files on failure."""
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from media_probe import probe_media
 from liveavatar_pack.liveavatar.video import Mp4Writer, VideoOutputError, check_writable, partial_path_for
 
 FPS = 25
@@ -30,22 +30,6 @@ def _tone(seconds, freq=440.0):
     return (0.4 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
-def _probe(path):
-    """(stream descriptions, audio seconds) via the imageio ffmpeg binary, argument lists only."""
-    exe = imageio_ffmpeg.get_ffmpeg_exe()
-    info = subprocess.run([exe, "-hide_banner", "-i", str(path)], capture_output=True, text=True).stderr
-    streams = re.findall(r"Stream #\d+:\d+.*?: (Video|Audio): (\S+)", info)
-    audio_secs = None
-    if any(kind == "Audio" for kind, _ in streams):
-        pcm = subprocess.run(
-            [exe, "-v", "error", "-i", str(path), "-map", "0:a:0", "-ac", "1", "-ar", str(SR), "-f", "s16le", "-"],
-            capture_output=True,
-            check=True,
-        ).stdout
-        audio_secs = len(pcm) / 2 / SR
-    return streams, audio_secs
-
-
 def test_writes_h264_with_sound(tmp_path):
     out = tmp_path / "out.mp4"
     wave = torch.from_numpy(_tone(2.0))[None, None]  # ComfyUI AUDIO layout [1, C, T], longer than the video
@@ -60,7 +44,7 @@ def test_writes_h264_with_sound(tmp_path):
     assert out.is_file() and not partial_path_for(out).exists()
     nframes, secs = imageio_ffmpeg.count_frames_and_secs(str(out))
     assert nframes == 30
-    streams, audio_secs = _probe(out)
+    streams, audio_secs = probe_media(out)
     assert ("Video", "h264") in streams and ("Audio", "aac") in streams
     video_secs = 30 / FPS
     assert audio_secs is not None and audio_secs <= video_secs + 1e-6
@@ -72,7 +56,7 @@ def test_short_audio_keeps_all_frames(tmp_path):
     with Mp4Writer(out, fps=FPS, audio=_tone(0.4), sample_rate=SR) as writer:
         writer.write(_frames(30))
     assert imageio_ffmpeg.count_frames_and_secs(str(out))[0] == 30
-    _, audio_secs = _probe(out)
+    _, audio_secs = probe_media(out)
     assert audio_secs <= 30 / FPS + 1e-6
 
 
@@ -83,11 +67,11 @@ def test_audio_file_input_and_no_audio(tmp_path):
     write_wav(wav, np.stack([_tone(1.0), _tone(1.0, 660)]), SR)
     with Mp4Writer(tmp_path / "f.mp4", fps=FPS, audio=wav) as writer:
         writer.write(_frames(10))
-    streams, audio_secs = _probe(tmp_path / "f.mp4")
+    streams, audio_secs = probe_media(tmp_path / "f.mp4")
     assert ("Audio", "aac") in streams and audio_secs <= 10 / FPS + 1e-6
     with Mp4Writer(tmp_path / "silent.mp4", fps=FPS) as writer:
         writer.write(_frames(5))
-    streams, audio_secs = _probe(tmp_path / "silent.mp4")
+    streams, audio_secs = probe_media(tmp_path / "silent.mp4")
     assert audio_secs is None and ("Video", "h264") in streams
 
 
@@ -101,7 +85,7 @@ def test_exception_leaves_playable_partial(tmp_path):
     partial = tmp_path / "clip.partial.mp4"
     assert not out.exists() and partial.is_file()
     assert imageio_ffmpeg.count_frames_and_secs(str(partial))[0] == 20
-    streams, audio_secs = _probe(partial)
+    streams, audio_secs = probe_media(partial)
     assert ("Audio", "aac") in streams and audio_secs <= 20 / FPS + 1e-6
 
 

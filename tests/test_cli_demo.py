@@ -1,0 +1,36 @@
+"""``python -m liveavatar demo`` makes a real MP4 with frames and sound from the whole pipeline."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio_ffmpeg
+import pytest
+
+from media_probe import probe_media
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_demo_writes_video_with_sound(tmp_path):
+    out = tmp_path / "demo.mp4"
+    cmd = [sys.executable, "-m", "liveavatar", "demo", "--out", str(out), "--size", "128*128", "--seconds", "1.5",
+           "--num-clips", "1"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out.is_file() and not (tmp_path / "demo.partial.mp4").exists()
+    frames, _ = imageio_ffmpeg.count_frames_and_secs(str(out))
+    assert frames == 45  # one clip of 48 frames minus the first block's 3
+    streams, audio_secs = probe_media(out)
+    assert ("Video", "h264") in streams and ("Audio", "aac") in streams
+    assert 1.5 <= audio_secs <= frames / 25 + 1e-3  # the 1.5 s voice, then silence to the video's end
+    assert "45/45 frames" in result.stderr
+
+
+def test_demo_refuses_bad_frames_per_clip(tmp_path):
+    cmd = [sys.executable, "-m", "liveavatar", "demo", "--out", str(tmp_path / "x.mp4"), "--frames-per-clip", "50"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "multiple of 12" in result.stderr and "Traceback" not in result.stderr
