@@ -1,1 +1,11 @@
-"""Worker processes and collectives (torchrun launcher, job channel, parallel strategies)."""
+"""Worker processes and collectives (torchrun launcher, job channel, parallel strategies).
+
+``launcher``   WorkerPool / PoolOptions / shared_pool: warm torchrun workers + job channel
+``sampler``    DistributedSampler: StreamingSampler's interface over a pool
+``worker``     the file torchrun runs (bootstraps the pack under its fixed name)
+``runtime``    what a rank does: model build, tpp and sp rank loops
+``sharding``   sp pieces: heads split across ranks (attention_backend), FSDP2 weight shards
+``protocol``   length-prefixed, pickle-free channel messages
+
+Importing this package pulls in nothing; import the modules you need.
+"""

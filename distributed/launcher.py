@@ -1,0 +1,487 @@
+"""Launcher: a warm pool of torchrun workers and the parent's end of the job channel.
+
+``WorkerPool(PoolOptions(...))`` starts ``python -m torch.distributed.run`` (argument list,
+no shell) with a free loopback rendezvous port, a scrubbed environment (no inherited
+RANK/WORLD_SIZE/MASTER_*), ``CUDA_VISIBLE_DEVICES`` from the chosen GPUs (gloo on the CPU
+when there are none), and one channel connection per rank on a unix socket inside a fresh
+0700 directory (or loopback TCP), authenticated by a random token. The pool stays warm
+across jobs, restarts when its options change (``reconfigure``) or after a failure, and is
+shut down by ``close()``, at interpreter exit, after ``idle_timeout_s`` without jobs, and -
+from the workers' side - when this process dies (channel EOF / parent PID poll).
+
+``pool.run(job, check_cancel)`` streams the job's block messages; ``DistributedSampler``
+(``distributed/sampler.py``) wraps it in the engine's sampler interface.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import os
+import queue
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from . import protocol
+
+WORKER_ENTRY = Path(__file__).resolve().parent / "worker.py"
+SCRUBBED_ENV = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+    "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+)
+LOG_TAIL = 3000
+
+
+class WorkerError(RuntimeError):
+    """A rank raised or died; ``rank`` and ``traceback_tail`` say which and why."""
+
+    def __init__(self, message: str, rank: int | None = None, traceback_tail: str = ""):
+        super().__init__(message if not traceback_tail else f"{message}\n--- rank {rank} traceback (tail) ---\n{traceback_tail}")
+        self.rank, self.traceback_tail = rank, traceback_tail
+
+
+def model_spec(spec: str | dict) -> dict:
+    """Normalise a model description to plain data.
+
+    ``"tiny:<seed>"`` -> the tiny random DiT; ``"callable:<module or file.py>:<function>"``;
+    a path -> the DiT loader (``model_loaders/dit.py``); dicts pass through
+    (``{"kind": "tiny"|"callable"|"dit", ...}``, optional ``"dtype"``).
+    """
+    if isinstance(spec, dict):
+        if "kind" not in spec:
+            raise ValueError(f"model spec {spec} lacks 'kind'")
+        return dict(spec)
+    if spec.startswith("tiny:") or spec == "tiny":
+        return {"kind": "tiny", "seed": int(spec.partition(":")[2] or 0)}
+    if spec.startswith("callable:"):
+        return {"kind": "callable", "target": spec.partition(":")[2]}
+    return {"kind": "dit", "path": spec}
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """Everything that defines a pool; a pool is reused while these stay equal."""
+
+    model: str | dict = "tiny:0"
+    workers: int = 2
+    mode: str = "tpp"  # "tpp" | "sp"
+    gpus: tuple[int, ...] | None = None  # None: the first ``workers`` visible GPUs, or the CPU without CUDA
+    backend: str | None = None  # None: nccl with GPUs, gloo on the CPU
+    threads: int = 1  # torch threads per worker
+    collective_timeout_s: float = 300.0
+    start_timeout_s: float = 300.0
+    idle_timeout_s: float | None = None  # close an idle pool after this long
+    channel: str = "unix"  # "unix" (0700 directory) or "tcp" (loopback + token)
+    nccl_p2p_disable: bool = False  # NCCL_P2P_DISABLE=1, for some consumer cards
+    env: tuple[tuple[str, str], ...] = field(default=())  # extra environment for the workers
+
+    def __post_init__(self):
+        if self.mode not in ("tpp", "sp"):
+            raise ValueError(f"mode must be 'tpp' or 'sp', got {self.mode!r}")
+        if self.workers < 1:
+            raise ValueError("workers must be >= 1")
+        if self.channel not in ("unix", "tcp"):
+            raise ValueError(f"channel must be 'unix' or 'tcp', got {self.channel!r}")
+
+    def key(self) -> str:
+        raw = dataclasses.asdict(self)
+        raw["model"] = model_spec(self.model)
+        raw.pop("idle_timeout_s")
+        return json.dumps(raw, sort_keys=True, default=str)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cuda_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+def worker_env(options: PoolOptions, channel: str, token: str, base: dict | None = None) -> tuple[dict, str]:
+    """(environment, backend) of the torchrun agent: inherited minus rank variables, plus ours."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in SCRUBBED_ENV}
+    gpus = options.gpus
+    if gpus is None and options.backend != "gloo" and _cuda_count() >= options.workers:
+        gpus = tuple(range(options.workers))
+    backend = options.backend or ("nccl" if gpus else "gloo")
+    if gpus:
+        if len(gpus) < options.workers:
+            raise ValueError(f"{options.workers} workers need {options.workers} GPUs, got {list(gpus)}")
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None and visible.strip():  # chosen indices are relative to what we see
+            ids = [v.strip() for v in visible.split(",") if v.strip()]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[g] for g in gpus[: options.workers])
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus[: options.workers])
+    elif backend == "gloo":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    env.update(
+        {
+            protocol.ENV_CHANNEL: channel,
+            protocol.ENV_TOKEN: token,
+            protocol.ENV_PARENT_PID: str(os.getpid()),
+            "OMP_NUM_THREADS": str(options.threads),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    if options.nccl_p2p_disable:
+        env["NCCL_P2P_DISABLE"] = "1"
+    env.update(dict(options.env))
+    return env, backend
+
+
+def torchrun_command(workers: int, port: int, entry: Path = WORKER_ENTRY) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", "1",
+        "--nproc-per-node", str(workers),
+        "--master-addr", "127.0.0.1",
+        "--master-port", str(port),
+        "--max-restarts", "0",
+        "--monitor-interval", "0.2",
+        str(entry),
+    ]
+
+
+_POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for pool in list(_POOLS):
+        pool.close()
+
+
+class WorkerPool:
+    """A warm set of torchrun workers holding one model configuration."""
+
+    def __init__(self, options: PoolOptions):
+        self.options = options
+        self.last_stats: dict[int, dict] = {}
+        self.ready_info: dict[int, dict] = {}
+        self.worker_pids: dict[int, int] = {}
+        self.starts = 0
+        self._proc: subprocess.Popen | None = None
+        self._dir: str | None = None
+        self._log = None
+        self._listener: socket.socket | None = None
+        self._conns: dict[int, protocol.Connection] = {}
+        self._events: queue.Queue = queue.Queue()
+        self._lock = threading.RLock()
+        self._jobs = 0
+        self._busy = False
+        self._last_used = time.monotonic()
+        _POOLS.add(self)
+        if options.idle_timeout_s:
+            threading.Thread(target=_idle_watch, args=(weakref.ref(self),), daemon=True).start()
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def agent_pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def reconfigure(self, options: PoolOptions) -> bool:
+        """Adopt new options; restarts the workers only if the model configuration changed."""
+        with self._lock:
+            if options.key() == self.options.key():
+                self.options = options
+                return False
+            self.close()
+            self.options = options
+            return True
+
+    def start(self) -> "WorkerPool":
+        with self._lock:
+            if not self.running:
+                self._teardown()
+                try:
+                    self._launch()
+                except BaseException:
+                    self._teardown()
+                    raise
+            return self
+
+    def _launch(self) -> None:
+        opts = self.options
+        self._dir = tempfile.mkdtemp(prefix="liveavatar-pool-")
+        os.chmod(self._dir, 0o700)
+        if opts.channel == "unix":
+            path = os.path.join(self._dir, "channel.sock")
+            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._listener.bind(path)
+            os.chmod(path, 0o600)
+            address = f"unix:{path}"
+        else:
+            self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._listener.bind(("127.0.0.1", 0))
+            address = f"tcp:127.0.0.1:{self._listener.getsockname()[1]}"
+        self._listener.listen(opts.workers)
+        self._listener.settimeout(0.2)
+        token = secrets.token_hex(16)
+        env, backend = worker_env(opts, address, token)
+        self._log = open(os.path.join(self._dir, "torchrun.log"), "wb")
+        self._events = queue.Queue()
+        self._proc = subprocess.Popen(
+            torchrun_command(opts.workers, free_port()),
+            env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so teardown reaches every worker
+        )
+        self.starts += 1
+        deadline = time.monotonic() + opts.start_timeout_s
+        while len(self._conns) < opts.workers:
+            self._check_agent()
+            if time.monotonic() > deadline:
+                raise WorkerError(f"workers did not connect within {opts.start_timeout_s} s{self._log_tail()}")
+            try:
+                sock, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            sock.settimeout(30)
+            conn = protocol.Connection(sock)
+            try:
+                hello = conn.recv()
+            except Exception:
+                conn.close()
+                continue
+            if hello.get("type") != "hello" or not secrets.compare_digest(str(hello.get("token")), token):
+                conn.close()
+                continue
+            sock.settimeout(None)
+            rank = int(hello["rank"])
+            self._conns[rank] = conn
+            self.worker_pids[rank] = int(hello["pid"])
+            threading.Thread(target=_reader, args=(rank, conn, self._events), daemon=True).start()
+        init = {
+            "type": "init", "model": model_spec(opts.model), "mode": opts.mode, "backend": backend,
+            "threads": opts.threads, "collective_timeout_s": opts.collective_timeout_s,
+        }
+        self._send_all(init)
+        ready: dict[int, dict] = {}
+        while len(ready) < opts.workers:
+            rank, msg = self._next(deadline - time.monotonic(), "starting")
+            if msg is not None and msg["type"] == "ready":
+                ready[rank] = msg
+        self.ready_info = ready
+        self._last_used = time.monotonic()
+
+    def close(self, grace_s: float = 10.0) -> None:
+        """Shut the workers down (politely, then by signal) and remove the channel directory."""
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                try:
+                    self._send_all({"type": "shutdown"})
+                    self._proc.wait(timeout=grace_s)
+                except Exception:
+                    pass
+            self._teardown()
+
+    def _teardown(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+                if proc.poll() is not None:
+                    break
+                try:
+                    os.killpg(proc.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                try:
+                    proc.wait(timeout=wait)
+                except subprocess.TimeoutExpired:
+                    pass
+        for pid in self.worker_pids.values():  # in case one left the group
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for conn in self._conns.values():
+            conn.close()
+        self._conns = {}
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        self._busy = False
+
+    # ------------------------------------------------------------------ messages
+    def _send_all(self, message: dict) -> None:
+        for rank in sorted(self._conns):
+            self._conns[rank].send(message)
+
+    def _log_tail(self) -> str:
+        if self._dir is None:
+            return ""
+        try:
+            text = Path(self._dir, "torchrun.log").read_bytes()[-LOG_TAIL:].decode(errors="replace")
+        except OSError:
+            return ""
+        return f"\n--- torchrun log (tail) ---\n{text}" if text.strip() else ""
+
+    def _check_agent(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise WorkerError(f"torchrun exited with code {self._proc.returncode}{self._log_tail()}")
+
+    def _next(self, timeout: float, doing: str) -> tuple[int, dict | None]:
+        """Next (rank, message); (-1, None) on timeout; raises WorkerError on a rank's error or death."""
+        try:
+            rank, msg = self._events.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            self._check_agent()
+            if doing == "starting":
+                raise WorkerError(f"workers not ready within {self.options.start_timeout_s} s{self._log_tail()}")
+            return -1, None
+        if msg is None:
+            # give a rank that raised a moment to report (its error precedes its EOF)
+            time.sleep(0.2)
+            pid = self.worker_pids.get(rank)
+            raise WorkerError(f"rank {rank} (pid {pid}) died while {doing} without a report{self._log_tail()}", rank)
+        if msg["type"] == "error":
+            raise WorkerError(f"rank {msg['rank']} failed while {doing}", int(msg["rank"]), msg["traceback"])
+        return rank, msg
+
+    # ------------------------------------------------------------------ jobs
+    def run(self, job: dict, check_cancel: Callable[[], None] | None = None, poll_s: float = 0.05) -> Iterator[dict]:
+        """Send ``job`` to every rank; yield its ``block`` messages in arrival order.
+
+        ``check_cancel`` is polled while waiting; when it raises, every rank is told to stop
+        at the next agreed block, the pool is drained (stays warm) and the exception is
+        re-raised. Per-rank stats land in ``last_stats``. A rank that raises or dies makes
+        this raise ``WorkerError`` and tears the pool down; the next job starts a fresh one.
+        """
+        with self._lock:
+            self.start()
+            self._busy = True
+            self._jobs += 1
+            job_id = self._jobs
+            done: dict[int, dict] = {}
+            interrupt: BaseException | None = None
+            finished = False
+            try:
+                self._send_all({**job, "type": "job", "job": job_id})
+                while len(done) < self.options.workers:
+                    if interrupt is None and check_cancel is not None:
+                        try:
+                            check_cancel()
+                        except BaseException as exc:  # noqa: BLE001 - any interrupt type of the host
+                            interrupt = exc
+                            self._send_all({"type": "cancel", "job": job_id})
+                    rank, msg = self._next(poll_s, "running")
+                    if msg is None or msg.get("job") != job_id:
+                        continue
+                    if msg["type"] == "block" and interrupt is None:
+                        yield msg
+                    elif msg["type"] == "done":
+                        done[rank] = msg["stats"]
+                finished = True
+                self.last_stats = done
+                if interrupt is not None:
+                    raise interrupt
+            except GeneratorExit:  # the consumer stopped early: stop the ranks, keep the pool
+                if not finished:
+                    self._drain(job_id, done)
+            except WorkerError:
+                self._teardown()
+                raise
+            except BaseException:
+                if not finished and interrupt is None:
+                    self._teardown()
+                raise
+            finally:
+                self._busy = False
+                self._last_used = time.monotonic()
+
+    def _drain(self, job_id: int, done: dict) -> None:
+        try:
+            self._send_all({"type": "cancel", "job": job_id})
+            deadline = time.monotonic() + self.options.collective_timeout_s
+            while len(done) < self.options.workers and time.monotonic() < deadline:
+                rank, msg = self._next(0.1, "stopping")
+                if msg is not None and msg.get("job") == job_id and msg["type"] == "done":
+                    done[rank] = msg["stats"]
+            if len(done) < self.options.workers:
+                self._teardown()
+            self.last_stats = done
+        except Exception:
+            self._teardown()
+
+    def __enter__(self) -> "WorkerPool":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _reader(rank: int, conn: protocol.Connection, events: queue.Queue) -> None:
+    while True:
+        try:
+            msg = conn.recv()
+        except Exception:
+            events.put((rank, None))
+            return
+        events.put((rank, msg))
+
+
+def _idle_watch(ref) -> None:
+    while True:
+        time.sleep(1.0)
+        pool = ref()
+        if pool is None:
+            return
+        limit = pool.options.idle_timeout_s
+        if limit and pool.running and not pool._busy and time.monotonic() - pool._last_used > limit:
+            if pool._lock.acquire(blocking=False):
+                try:
+                    if not pool._busy:
+                        pool.close()
+                finally:
+                    pool._lock.release()
+        del pool
+
+
+_SHARED: dict[str, WorkerPool] = {}
+
+
+def shared_pool(options: PoolOptions) -> WorkerPool:
+    """The process-wide pool for nodes/CLI: reused while ``options`` describe the same workers."""
+    pool = _SHARED.get("pool")
+    if pool is None:
+        pool = _SHARED["pool"] = WorkerPool(options)
+    else:
+        pool.reconfigure(options)
+    return pool
+
+
+def release_shared_pool() -> None:
+    """Free the workers (and their GPUs) of the shared pool now."""
+    pool = _SHARED.pop("pool", None)
+    if pool is not None:
+        pool.close()

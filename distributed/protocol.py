@@ -1,0 +1,103 @@
+"""The job channel between the launcher (parent) and its torchrun workers.
+
+One stream socket per rank (a unix socket in a fresh 0700 directory, or loopback TCP),
+carrying length-prefixed messages. A message is a dict of plain data (str, int, float,
+bool, None, lists, tuples, dicts) and tensors, serialised with ``torch.save`` and read
+back with ``torch.load(weights_only=True)``: no pickle of arbitrary objects crosses the
+channel in either direction. Every connection starts with a ``hello`` carrying a random
+token the parent handed to its workers, so only they can attach.
+
+Message types (``msg["type"]``):
+  parent -> rank: ``init`` (pool config), ``job``, ``cancel``, ``shutdown``
+  rank -> parent: ``hello``, ``ready``, ``block`` (clean latents, also the progress),
+                  ``done`` (per-rank stats; ``stopped_at`` when cancelled), ``error``
+"""
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import threading
+
+import torch
+
+HEADER = struct.Struct("!Q")
+MAX_MESSAGE = 1 << 40
+
+ENV_CHANNEL = "LIVEAVATAR_CHANNEL"  # "unix:<path>" or "tcp:127.0.0.1:<port>"
+ENV_TOKEN = "LIVEAVATAR_CHANNEL_TOKEN"
+ENV_PARENT_PID = "LIVEAVATAR_PARENT_PID"
+
+
+class ChannelClosed(ConnectionError):
+    """The other end closed the connection (or died)."""
+
+
+def encode(message: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(message, buf)
+    return buf.getvalue()
+
+
+def decode(payload: bytes) -> dict:
+    message = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+    if not isinstance(message, dict) or "type" not in message:
+        raise ValueError("malformed channel message")
+    return message
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = sock.recv(min(n - got, 1 << 22))
+        if not chunk:
+            raise ChannelClosed("channel closed by peer")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+class Connection:
+    """One end of a channel connection; ``send`` is thread-safe, ``recv`` is for one reader."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, message: dict) -> None:
+        payload = encode(message)
+        with self._lock:
+            self.sock.sendall(HEADER.pack(len(payload)) + payload)
+
+    def recv(self) -> dict:
+        (size,) = HEADER.unpack(_recv_exact(self.sock, HEADER.size))
+        if size > MAX_MESSAGE:
+            raise ValueError(f"channel message of {size} bytes refused")
+        return decode(_recv_exact(self.sock, size))
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def connect(address: str, timeout: float = 30.0) -> Connection:
+    """Connect to ``unix:<path>`` or ``tcp:<host>:<port>`` (loopback only)."""
+    kind, _, rest = address.partition(":")
+    if kind == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target: object = rest
+    elif kind == "tcp":
+        host, _, port = rest.rpartition(":")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"the job channel stays on loopback, got {host}")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        target = (host, int(port))
+    else:
+        raise ValueError(f"unknown channel address {address!r}")
+    sock.settimeout(timeout)
+    sock.connect(target)
+    sock.settimeout(None)
+    return Connection(sock)

@@ -1,0 +1,417 @@
+"""What a torchrun worker does: connect to the parent, build the model, serve jobs.
+
+Modes
+-----
+``tpp`` (timestep-forcing pipeline parallelism): the sampler's steps are spread over the
+ranks in contiguous runs (``assign_steps``); each rank runs its steps with one KV cache
+per step and its own sink store. A block flows rank 0 -> 1 -> ... -> last by point-to-
+point sends (non-blocking, so rank 0 starts block b+1 while later ranks still work on
+block b); the last rank streams clean blocks to the parent. Before every block a small
+control message ``[g, stop]`` runs down the chain first, so a cancel that rank 0 reads
+from the channel stops every rank at the same block g. At the start of clip 1 the last
+rank broadcasts clip 0's first latent frame, the new sink reference (TPP rule).
+
+``sp`` (sequence/head parallel): every rank runs the whole sampler on the same inputs, but
+attends and caches only its share of the heads (``HeadSplit``) and holds only a shard
+of the weights (FSDP2, resharded after each unit's forward). Rank 0 streams the blocks;
+a one-element broadcast from rank 0 before every block agrees on a cancel.
+
+The math is the engine's (``StepWorker``/``StreamingSampler``); nothing here changes it.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..liveavatar.config import DiTConfig, SamplerConfig
+from ..liveavatar.kv_cache import CacheStorage
+from ..liveavatar.sampler import (
+    Cancelled,
+    SeededRopeOffsets,
+    SinkInputs,
+    StepWorker,
+    StreamingSampler,
+    TableRopeOffsets,
+    TensorAudio,
+    clip_noise,
+    flow_schedule,
+)
+from . import protocol
+from .sharding import HeadSplit, parameter_bytes, shard_model
+
+EXIT_PARENT_GONE = 3
+TRACEBACK_TAIL = 4000
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def assign_steps(steps: int, world: int) -> list[list[int]]:
+    """Contiguous runs of steps per rank; earlier ranks take one more when it does not divide."""
+    if not 1 <= world <= steps:
+        raise ValueError(f"tpp needs between 1 and {steps} ranks for {steps} steps, got {world}")
+    base, extra = divmod(steps, world)
+    out, start = [], 0
+    for rank in range(world):
+        n = base + (rank < extra)
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
+
+
+def sampler_config(raw: dict) -> SamplerConfig:
+    return SamplerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
+def rope_from_job(spec: dict):
+    if spec["kind"] == "seeded":
+        return SeededRopeOffsets(int(spec["seed"]), int(spec["low"]), int(spec["high"]))
+    if spec["kind"] == "table":
+        return TableRopeOffsets(spec["table"].tolist() if torch.is_tensor(spec["table"]) else spec["table"])
+    raise ValueError(f"unknown rope offsets {spec['kind']!r}")
+
+
+# ----------------------------------------------------------------------------- model
+def _load_callable(target: str):
+    """``package.module:function`` or ``/path/to/file.py:function``."""
+    module_name, _, attr = target.rpartition(":")
+    if not module_name or not attr:
+        raise ValueError(f"callable model spec {target!r} must look like 'module:function' or 'file.py:function'")
+    if module_name.endswith(".py"):
+        path = Path(module_name).resolve()
+        name = f"_liveavatar_model_{abs(hash(str(path)))}"
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    return getattr(module, attr)
+
+
+def build_model(spec: dict, device: torch.device):
+    """The DiT described by a model spec (see ``launcher.model_spec``), on ``device``."""
+    kind = spec["kind"]
+    if kind == "tiny":
+        from ..liveavatar.config import TINY
+        from ..liveavatar.tiny import tiny_transformer
+
+        cfg = DiTConfig.from_dict(spec["config"]) if spec.get("config") else TINY
+        model = tiny_transformer(int(spec.get("seed", 0)), cfg)
+    elif kind == "callable":
+        model = _load_callable(spec["target"])(**dict(spec.get("kwargs") or {}))
+    elif kind == "dit":
+        try:
+            loader = importlib.import_module(__package__.rpartition(".")[0] + ".model_loaders.dit")
+        except ImportError as exc:
+            raise RuntimeError(f"model spec {spec} needs model_loaders/dit.py, which is not available: {exc}") from exc
+        kwargs = {"lora": spec.get("lora"), "precision": spec.get("precision")}
+        params = inspect.signature(loader.load_dit).parameters
+        kwargs = {k: v for k, v in kwargs.items() if v is not None and k in params}
+        if "device" in params:
+            kwargs["device"] = device
+        model = loader.load_dit(spec["path"], **kwargs)
+    else:
+        raise ValueError(f"unknown model spec kind {kind!r}")
+    if spec.get("dtype"):
+        model.cast(DTYPES[spec["dtype"]])
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- channel
+class Inbox:
+    """Reads the parent's messages on a thread: cancels are flagged at once, the rest queued.
+
+    The channel closing (parent gone) ends the process; so does the parent's PID vanishing.
+    """
+
+    def __init__(self, conn: protocol.Connection, parent_pid: int | None):
+        self.conn = conn
+        self.messages: queue.Queue = queue.Queue()
+        self.cancelled: set[int] = set()
+        self.closing = False
+        threading.Thread(target=self._read, name="liveavatar-inbox", daemon=True).start()
+        if parent_pid:
+            threading.Thread(target=self._watch, args=(parent_pid,), name="liveavatar-parent-watch", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except Exception:
+                if self.closing:
+                    return
+                os._exit(EXIT_PARENT_GONE)
+            if msg["type"] == "cancel":
+                self.cancelled.add(int(msg["job"]))
+                continue
+            if msg["type"] == "shutdown":
+                self.closing = True
+            self.messages.put(msg)
+            if self.closing:
+                return
+
+    def _watch(self, pid: int) -> None:
+        while True:
+            time.sleep(0.5)
+            if not _alive(pid):
+                os._exit(EXIT_PARENT_GONE)
+
+    def get(self) -> dict:
+        return self.messages.get()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed parent nobody has reaped yet is a zombie: gone for us
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+# ----------------------------------------------------------------------------- modes
+class Job:
+    """Decoded job inputs (all on the CPU as they came over the channel)."""
+
+    def __init__(self, msg: dict):
+        self.id = int(msg["job"])
+        self.cfg = sampler_config(msg["cfg"])
+        self.text = msg["text"]
+        self.audio = TensorAudio(msg["audio"])
+        self.sink = SinkInputs(msg["ref_latent"], msg["motion_latents"])
+        self.seed = int(msg["seed"])
+        self.num_clips = int(msg["num_clips"])
+        self.rope = rope_from_job(msg["rope"])
+        self.noise_table = msg.get("noise")
+
+    def noise(self, clip: int) -> torch.Tensor:
+        if self.noise_table is not None:
+            return self.noise_table[clip]
+        c, _, h, w = self.sink.ref_latent.shape
+        return clip_noise(self.seed, clip, (c, self.cfg.latent_frames_per_clip, h, w))
+
+    def order(self) -> list[tuple[int, int]]:
+        return [(c, b) for c in range(self.num_clips) for b in range(self.cfg.blocks_per_clip)]
+
+
+class TPPRank:
+    def __init__(self, model, rank: int, world: int, comm_device: torch.device):
+        self.model, self.rank, self.world, self.comm = model, rank, world, comm_device
+
+    def ready_info(self) -> dict:
+        return {"param_bytes": parameter_bytes(self.model)}
+
+    def run(self, job: Job, inbox: Inbox, conn: protocol.Connection) -> dict:
+        model, rank, world, cfg = self.model, self.rank, self.world, job.cfg
+        last, prev, nxt = world - 1, self.rank - 1, self.rank + 1
+        steps = assign_steps(cfg.steps, world)[rank]
+        text = model.embed_text(job.text)
+        c, _, h, w = job.sink.ref_latent.shape
+        nf = cfg.latent_frames_per_block
+        storage = CacheStorage(device=model.device, dtype=model.dtype)
+        schedule = flow_schedule(cfg)
+        cond = model.new_cond_cache(h, w, storage)
+        workers = [
+            StepWorker(model, cfg, s, text, model.new_kv_cache(h, w, cfg.latent_frames_per_clip, storage), cond, schedule)
+            for s in steps
+        ]
+        pending: list = []  # outstanding isends (tensors kept alive by their works)
+        data_work = None
+        first_block = None
+        stopped_at = None
+        times = []
+        noise = None
+        for g, (clip, block) in enumerate(job.order()):
+            # 1. the stop decision runs down the chain before anything else of block g
+            if rank == 0:
+                stop = job.id in inbox.cancelled
+            else:
+                ctrl = torch.empty(2, dtype=torch.int64, device=self.comm)
+                dist.recv(ctrl, src=prev, tag=_tag(g, 0))
+                stop = bool(ctrl[1].item())
+            if rank != last:
+                ctrl = torch.tensor([g, int(stop)], device=self.comm)
+                pending.append((dist.isend(ctrl, dst=nxt, tag=_tag(g, 0)), ctrl))
+            if stop:
+                stopped_at = (clip, block)
+                break
+            # 2. sinks: prefill at clip 0; clip 1 takes clip 0's first latent from the last rank
+            if clip == 0 and block == 0:
+                workers[0].prefill(job.sink)
+            elif clip == 1 and block == 0:
+                ref = first_block[:, :1].contiguous() if rank == last else torch.empty(c, 1, h, w)
+                ref = ref.to(self.comm)
+                dist.broadcast(ref, src=last)
+                workers[0].prefill(SinkInputs(ref, job.sink.motion_latents))
+            # 3. the block: noise on rank 0, the previous rank's output elsewhere
+            if rank == 0:
+                if block == 0:
+                    noise = job.noise(clip)
+                x = noise[:, block * nf : (block + 1) * nf].to(model.device, torch.float32)
+            else:
+                x = torch.empty(c, nf, h, w, dtype=torch.float32, device=self.comm)
+                dist.recv(x, src=prev, tag=_tag(g, 1))
+                x = x.to(model.device)
+            t0 = time.time()
+            frame_start = clip * cfg.latent_frames_per_clip + block * nf
+            video_start = frame_start * cfg.vae_temporal_stride
+            audio = job.audio.frames(video_start, video_start + cfg.frames_per_block)
+            for worker in workers:
+                x = worker(x, frame_start, audio, job.rope(clip, block, worker.step))
+            times.append((clip, block, t0, time.time()))
+            if rank == last:
+                if clip == 0 and block == 0:
+                    first_block = x
+                conn.send({"type": "block", "job": job.id, "clip": clip, "block": block, "latents": x.cpu()})
+            else:
+                if data_work is not None:
+                    data_work[0].wait()  # back-pressure: the next rank has taken block g-1
+                out = x.to(self.comm).contiguous()
+                data_work = (dist.isend(out, dst=nxt, tag=_tag(g, 1)), out)
+            pending = [p for p in pending if not p[0].is_completed()]
+        for work, _ in pending + ([data_work] if data_work is not None else []):
+            work.wait()
+        return {
+            "steps": steps,
+            "dit_calls": sum(w.calls for w in workers),
+            "calls_per_step": {w.step: w.calls for w in workers},
+            "block_times": times,
+            "stopped_at": stopped_at,
+            "kv_cache_bytes": sum(w.cache.nbytes() for w in workers),
+            "cond_cache_bytes": cond.nbytes(),
+            "param_bytes": parameter_bytes(model),
+        }
+
+
+def _tag(g: int, kind: int) -> int:
+    return (2 * g + kind) % 4096
+
+
+class SPRank:
+    def __init__(self, model, rank: int, world: int, comm_device: torch.device):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.model, self.rank, self.world, self.comm = model, rank, world, comm_device
+        self.backend = HeadSplit(model.cfg.num_heads, rank, world)
+        model.attention_backend = self.backend
+        mesh = init_device_mesh(comm_device.type, (world,))
+        self.units = shard_model(model, mesh)
+
+    def ready_info(self) -> dict:
+        return {"param_bytes": parameter_bytes(self.model, self.units), "heads": (self.backend.start, self.backend.stop)}
+
+    def run(self, job: Job, inbox: Inbox, conn: protocol.Connection) -> dict:
+        model, cfg, rank = self.model, job.cfg, self.rank
+        text = model.embed_text(job.text)
+        storage = CacheStorage(device=model.device, dtype=model.dtype, heads=(self.backend.start, self.backend.stop))
+        counter = {"n": 0, "g": 0}
+        order = job.order()
+
+        def check_cancel():  # called before every step; agree at block boundaries (step 0)
+            n = counter["n"]
+            counter["n"] += 1
+            if n % cfg.steps:
+                return
+            counter["g"] = n // cfg.steps
+            flag = torch.tensor([int(rank == 0 and job.id in inbox.cancelled)], device=self.comm)
+            dist.broadcast(flag, src=0)
+            if flag.item():
+                raise Cancelled(f"cancelled at {order[counter['g']]}")
+
+        sampler = StreamingSampler(
+            model, cfg, text, job.audio, job.sink, job.seed, rope_offsets=job.rope,
+            noise=job.noise, cache_storage=storage, check_cancel=check_cancel,
+        )
+        times, between, stopped_at = [], [], None
+        tick = time.time()
+        try:
+            for out in sampler.blocks(job.num_clips):
+                times.append((out.clip, out.block, tick, time.time()))
+                if rank == 0:
+                    conn.send({"type": "block", "job": job.id, "clip": out.clip, "block": out.block, "latents": out.latents.cpu()})
+                between.append(parameter_bytes(model, self.units))
+                tick = time.time()
+        except Cancelled:
+            stopped_at = order[counter["g"]]
+        return {
+            "steps": list(range(cfg.steps)),
+            "heads": (self.backend.start, self.backend.stop),
+            "dit_calls": sum(w.calls for w in sampler.workers),
+            "calls_per_step": {w.step: w.calls for w in sampler.workers},
+            "block_times": times,
+            "stopped_at": stopped_at,
+            "kv_cache_bytes": sum(w.cache.nbytes() for w in sampler.workers),
+            "cond_cache_bytes": sampler.cond.nbytes(),
+            "param_bytes": parameter_bytes(model, self.units),
+            "param_bytes_between_blocks": between,
+            "attention_gathers": self.backend.gathers,
+        }
+
+
+MODES = {"tpp": TPPRank, "sp": SPRank}
+
+
+# ----------------------------------------------------------------------------- main loop
+def serve() -> None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    conn = protocol.connect(os.environ[protocol.ENV_CHANNEL])
+    conn.send({"type": "hello", "rank": rank, "pid": os.getpid(), "token": os.environ.get(protocol.ENV_TOKEN, "")})
+    parent = os.environ.get(protocol.ENV_PARENT_PID)
+    inbox = Inbox(conn, int(parent) if parent else None)
+    try:
+        init = inbox.get()
+        if init["type"] != "init":
+            raise RuntimeError(f"expected init, got {init['type']}")
+        torch.set_num_threads(int(init.get("threads") or 1))
+        backend = init["backend"]
+        if backend == "nccl":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        dist.init_process_group(backend, timeout=timedelta(seconds=float(init["collective_timeout_s"])))
+        model = build_model(init["model"], device)
+        rank_impl = MODES[init["mode"]](model, rank, world, device)
+        conn.send({"type": "ready", "rank": rank, **rank_impl.ready_info()})
+        while True:
+            msg = inbox.get()
+            if msg["type"] == "shutdown":
+                break
+            if msg["type"] != "job":
+                raise RuntimeError(f"unexpected message {msg['type']}")
+            job = Job(msg)
+            stats = rank_impl.run(job, inbox, conn)
+            inbox.cancelled.discard(job.id)
+            conn.send({"type": "done", "job": job.id, "rank": rank, "stats": stats})
+    except BaseException:
+        tail = traceback.format_exc()[-TRACEBACK_TAIL:]
+        try:
+            conn.send({"type": "error", "rank": rank, "traceback": tail})
+        finally:
+            sys.stderr.write(tail)
+            sys.stderr.flush()
+            os._exit(1)
+    try:
+        dist.destroy_process_group()
+    finally:
+        conn.close()

@@ -1,0 +1,99 @@
+"""``DistributedSampler``: the engine's ``StreamingSampler`` interface over a worker pool.
+
+Same constructor inputs (minus the model, which the pool holds) and the same
+``blocks(num_clips)`` iterator of ``BlockOutput`` in (clip, block) order, so the pipeline,
+the CLI and the nodes swap it in (e.g. ``VideoStream(..., block_source=s.blocks)``).
+Inputs cross the channel as tensors and plain data: the text context [L, text_dim]
+(embedded on the workers), the audio features, the sink inputs, the seed, the settings,
+and the rd offsets and noise as data when they are injected.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator
+
+import torch
+
+from ..liveavatar.config import SamplerConfig
+from ..liveavatar.sampler import (
+    AudioSource,
+    BlockOutput,
+    RopeOffsets,
+    SeededRopeOffsets,
+    SinkInputs,
+    TableRopeOffsets,
+    TensorAudio,
+)
+from .launcher import PoolOptions, WorkerPool, shared_pool
+
+
+class DistributedSampler:
+    """Runs the streaming sampler on the pool's workers; yields every clean block in order."""
+
+    def __init__(
+        self,
+        pool: WorkerPool | PoolOptions,
+        cfg: SamplerConfig,
+        text: torch.Tensor,
+        audio: AudioSource,
+        sink: SinkInputs,
+        seed: int,
+        rope_offsets: RopeOffsets | None = None,
+        noise: Callable[[int], torch.Tensor] | None = None,
+        sink_refresh: None = None,
+        check_cancel: Callable[[], None] | None = None,
+    ):
+        cfg.validate()
+        if not torch.is_tensor(text):
+            raise TypeError("DistributedSampler takes the text context as a tensor [L, text_dim]; the workers embed it")
+        if sink_refresh is not None:
+            raise ValueError("distributed runs always use the TPP clip-1 sink rule (clip 0's first latent)")
+        self.pool = pool if isinstance(pool, WorkerPool) else shared_pool(pool)
+        self.cfg, self.text, self.audio, self.sink, self.seed = cfg, text, audio, sink, seed
+        self.rope_offsets = rope_offsets or SeededRopeOffsets(seed, *cfg.rope_offset_range)
+        self.noise = noise
+        self.check_cancel = check_cancel
+        self.stats: dict[int, dict] = {}
+
+    def _rope_spec(self, num_clips: int) -> dict:
+        r = self.rope_offsets
+        if isinstance(r, SeededRopeOffsets):
+            return {"kind": "seeded", "seed": r.seed, "low": r.low, "high": r.high}
+        if isinstance(r, TableRopeOffsets):
+            table = [[[int(v) for v in steps] for steps in blocks] for blocks in r.table]
+        else:  # any other pure function of (clip, block, step): tabulate it here
+            cfg = self.cfg
+            table = [[[int(r(c, b, s)) for s in range(cfg.steps)] for b in range(cfg.blocks_per_clip)] for c in range(num_clips)]
+        return {"kind": "table", "table": torch.tensor(table, dtype=torch.int64)}
+
+    def job(self, num_clips: int) -> dict:
+        cfg = self.cfg
+        if isinstance(self.audio, TensorAudio):
+            features = self.audio.features
+        else:
+            features = self.audio.frames(0, num_clips * cfg.frames_per_clip)
+        job = {
+            "cfg": dataclasses.asdict(cfg),
+            "text": self.text.detach().cpu(),
+            "audio": features.detach().cpu(),
+            "ref_latent": self.sink.ref_latent.detach().cpu(),
+            "motion_latents": self.sink.motion_latents.detach().cpu(),
+            "seed": int(self.seed),
+            "num_clips": int(num_clips),
+            "rope": self._rope_spec(num_clips),
+        }
+        if self.noise is not None:
+            job["noise"] = torch.stack([self.noise(c).detach().cpu() for c in range(num_clips)])
+        return job
+
+    def blocks(self, num_clips: int) -> Iterator[BlockOutput]:
+        cfg = self.cfg
+        expected = iter([(c, b) for c in range(num_clips) for b in range(cfg.blocks_per_clip)])
+        self.stats = {}
+        for msg in self.pool.run(self.job(num_clips), self.check_cancel):
+            where = (int(msg["clip"]), int(msg["block"]))
+            want = next(expected, None)
+            if where != want:
+                raise RuntimeError(f"workers delivered block {where}, expected {want}")
+            yield BlockOutput(where[0], where[1], msg["latents"])
+        self.stats = self.pool.last_stats

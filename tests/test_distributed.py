@@ -1,0 +1,285 @@
+"""Distributed runs on CPU: torchrun workers, gloo on loopback, tiny models.
+
+Each parallel mode must give the single-process result (tpp bitwise, sp within fp32
+tolerance), really split the work (call counts, overlap, cache and weight bytes), and
+the pool must survive an interrupt and recover from a rank that raises or dies.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from liveavatar_pack.distributed import protocol
+from liveavatar_pack.distributed.launcher import PoolOptions, WorkerError, WorkerPool, torchrun_command, worker_env
+from liveavatar_pack.distributed.runtime import assign_steps
+from liveavatar_pack.distributed.sampler import DistributedSampler
+from liveavatar_pack.liveavatar.config import TINY, SamplerConfig
+from liveavatar_pack.liveavatar.sampler import Cancelled, SinkInputs, StreamingSampler, TensorAudio
+from liveavatar_pack.liveavatar.tiny import tiny_transformer
+
+H = W = 8
+MODEL_SEED = 1
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def inputs(clips: int = 2):
+    gen = torch.Generator().manual_seed(123)
+    sink = SinkInputs(torch.randn(16, 1, H, W, generator=gen), torch.randn(16, 19, H, W, generator=gen))
+    audio = TensorAudio(torch.randn(1, TINY.num_audio_layers, TINY.audio_dim, 48 * clips + 6, generator=gen))
+    text = torch.randn(7, TINY.text_dim, generator=gen)
+    return text, audio, sink
+
+
+def single_process(clips: int, cfg: SamplerConfig = SamplerConfig(), seed: int = 0) -> list[torch.Tensor]:
+    """The reference, on one thread like the workers (so reductions run in the same order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        text, audio, sink = inputs(clips)
+        sampler = StreamingSampler(tiny_transformer(MODEL_SEED), cfg, text, audio, sink, seed=seed)
+        return [b.latents for b in sampler.blocks(clips)]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def distributed(pool, clips: int, cfg: SamplerConfig = SamplerConfig(), seed: int = 0, **kwargs):
+    text, audio, sink = inputs(clips)
+    sampler = DistributedSampler(pool, cfg, text, audio, sink, seed=seed, **kwargs)
+    blocks = list(sampler.blocks(clips))
+    assert [(b.clip, b.block) for b in blocks] == [(c, b) for c in range(clips) for b in range(cfg.blocks_per_clip)]
+    return [b.latents for b in blocks], sampler.stats
+
+
+def faulty_model(seed: int, rank: int, after: int):
+    """A tiny DiT whose ``after``-th block call raises on ``rank`` (loaded by the workers by path)."""
+    model = tiny_transformer(seed)
+    if int(os.environ.get("RANK", -1)) == rank:
+        forward, calls = model.forward_block, {"n": 0}
+
+        def failing(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] > after:
+                raise RuntimeError("injected fault in forward_block")
+            return forward(*args, **kwargs)
+
+        model.forward_block = failing
+    return model
+
+
+# ----------------------------------------------------------------------------- no processes
+class NotPlainData:
+    """An arbitrary object: the channel must refuse to unpickle it."""
+
+
+def test_steps_spread_contiguously_over_ranks():
+    assert assign_steps(4, 4) == [[0], [1], [2], [3]]
+    assert assign_steps(4, 2) == [[0, 1], [2, 3]]
+    assert assign_steps(4, 3) == [[0, 1], [2], [3]]
+    assert assign_steps(5, 3) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError, match="ranks"):
+        assign_steps(3, 4)
+
+
+def test_launch_command_and_environment():
+    cmd = torchrun_command(3, 29123)
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "3" and cmd[cmd.index("--master-addr") + 1] == "127.0.0.1"
+    assert cmd[-1].endswith("distributed/worker.py") and all(isinstance(a, str) for a in cmd)
+    base = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1", "PATH": "/bin"}
+    env, backend = worker_env(PoolOptions(workers=2, backend="gloo"), "unix:/x", "tok", base)
+    assert backend == "gloo" and env["CUDA_VISIBLE_DEVICES"] == ""
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} & set(env)
+    assert env["PATH"] == "/bin" and env[protocol.ENV_PARENT_PID] == str(os.getpid())
+    env, backend = worker_env(PoolOptions(workers=2, gpus=(1, 3), nccl_p2p_disable=True), "unix:/x", "tok", {"CUDA_VISIBLE_DEVICES": "4,5,6,7"})
+    assert backend == "nccl" and env["CUDA_VISIBLE_DEVICES"] == "5,7" and env["NCCL_P2P_DISABLE"] == "1"
+
+
+def test_channel_messages_carry_tensors_and_plain_data_only():
+    msg = {"type": "job", "x": torch.arange(3), "cfg": {"steps": 4, "range": (4, 30)}, "none": None}
+    back = protocol.decode(protocol.encode(msg))
+    assert torch.equal(back["x"], msg["x"]) and back["cfg"] == msg["cfg"] and back["none"] is None
+
+    buf = io.BytesIO()
+    torch.save({"type": "job", "obj": NotPlainData()}, buf)
+    with pytest.raises(Exception):
+        protocol.decode(buf.getvalue())
+
+
+def test_pool_reuse_follows_the_model_configuration():
+    pool = WorkerPool(PoolOptions(model="tiny:1", workers=2))
+    assert not pool.reconfigure(PoolOptions(model={"kind": "tiny", "seed": 1}, workers=2, idle_timeout_s=5))
+    assert pool.reconfigure(PoolOptions(model="tiny:2", workers=2))
+    assert pool.reconfigure(PoolOptions(model="tiny:2", workers=2, mode="sp"))
+
+
+# ----------------------------------------------------------------------------- processes
+@pytest.fixture(scope="module")
+def reference():
+    return single_process(2)
+
+
+@pytest.fixture(scope="module")
+def tpp2():
+    with WorkerPool(PoolOptions(model=f"tiny:{MODEL_SEED}", workers=2, mode="tpp", collective_timeout_s=60)) as pool:
+        yield pool
+
+
+@pytest.mark.distributed
+def test_tpp_two_ranks_equal_single_process(tpp2, reference):
+    out, stats = distributed(tpp2, 2)
+    assert len(out) == len(reference) and all(torch.equal(a, b) for a, b in zip(out, reference))
+    blocks = len(reference)
+    assert {r: s["steps"] for r, s in stats.items()} == {0: [0, 1], 1: [2, 3]}
+    assert all(s["dit_calls"] == len(s["steps"]) * blocks for s in stats.values())
+    assert all(s["calls_per_step"] == {step: blocks for step in s["steps"]} for s in stats.values())
+
+
+@pytest.mark.distributed
+def test_tpp_three_ranks_equal_single_process_and_overlap(reference):
+    with WorkerPool(PoolOptions(model=f"tiny:{MODEL_SEED}", workers=3, mode="tpp", collective_timeout_s=60)) as pool:
+        out, stats = distributed(pool, 2)
+    assert all(torch.equal(a, b) for a, b in zip(out, reference))
+    assert {r: s["steps"] for r, s in stats.items()} == {0: [0, 1], 1: [2], 2: [3]}
+    assert [s["dit_calls"] for _, s in sorted(stats.items())] == [16, 8, 8]
+    # pipelining: rank 0 starts block b+1 before the last rank has finished block b
+    # (within a clip; clip 1 waits for the last rank's clip-0 reference by design)
+    first = {(c, b): t0 for c, b, t0, _ in stats[0]["block_times"]}
+    last = {(c, b): t1 for c, b, _, t1 in stats[2]["block_times"]}
+    pairs = [((c, b), (c, b + 1)) for c in range(2) for b in range(3)]
+    assert all(first[nxt] < last[cur] for cur, nxt in pairs), (first, last)
+
+
+@pytest.mark.distributed
+def test_sp_two_ranks_equal_single_process_with_split_caches_and_weights(reference):
+    single_model = tiny_transformer(MODEL_SEED)
+    text, audio, sink = inputs(2)
+    single = StreamingSampler(single_model, SamplerConfig(), text, audio, sink, seed=0)
+    single_kv = sum(w.cache.nbytes() for w in single.workers)
+    single_params = sum(p.nbytes for p in single_model.parameters())
+    with WorkerPool(PoolOptions(model=f"tiny:{MODEL_SEED}", workers=2, mode="sp", collective_timeout_s=60)) as pool:
+        out, stats = distributed(pool, 2)
+    for a, b in zip(out, reference):
+        assert (a - b).abs().max().item() <= 2e-5 * max(1.0, b.abs().max().item())
+    for rank, s in stats.items():
+        assert s["heads"] == (2 * rank, 2 * rank + 2)
+        assert s["dit_calls"] == 4 * len(reference)
+        assert s["kv_cache_bytes"] * 2 == single_kv
+        assert s["attention_gathers"] > 0
+        for between in s["param_bytes_between_blocks"]:
+            assert between["unsharded_alive"] == 0
+            assert between["sharded_full"] >= 0.9 * single_params  # nearly everything is sharded
+            assert abs(between["sharded_local"] * 2 - between["sharded_full"]) <= 0.01 * between["sharded_full"]
+            assert between["resident"] <= 0.55 * single_params
+
+
+@pytest.mark.distributed
+def test_interrupt_stops_every_rank_at_one_block_then_pool_runs_again(tpp2):
+    clips, seen = 3, []
+    starts = tpp2.starts
+
+    def check_cancel():
+        if len(seen) >= 2:
+            raise Cancelled("user interrupt")
+
+    text, audio, sink = inputs(clips)
+    sampler = DistributedSampler(tpp2, SamplerConfig(), text, audio, sink, seed=0, check_cancel=check_cancel)
+    with pytest.raises(Cancelled):
+        for block in sampler.blocks(clips):
+            seen.append(block)
+    stops = {r: s["stopped_at"] for r, s in tpp2.last_stats.items()}
+    assert len(set(stops.values())) == 1 and None not in stops.values(), stops
+    stop = stops[0]
+    assert (0, 2) <= stop < (clips, 0)
+    # every rank did exactly the blocks before the agreed one
+    for s in tpp2.last_stats.values():
+        assert [tuple(t[:2]) for t in s["block_times"]][-1] < stop
+        assert len(s["block_times"]) == stop[0] * 4 + stop[1]
+    out, _ = distributed(tpp2, 2)
+    assert all(torch.equal(a, b) for a, b in zip(out, single_process(2)))
+    assert tpp2.starts == starts  # the same warm workers
+
+
+@pytest.mark.distributed
+def test_killed_rank_fails_fast_and_next_run_starts_fresh(tpp2, reference):
+    tpp2.start()
+    starts, victim = tpp2.starts, tpp2.worker_pids[1]
+    text, audio, sink = inputs(6)
+    sampler = DistributedSampler(tpp2, SamplerConfig(), text, audio, sink, seed=0)
+    t_kill = None
+    with pytest.raises(WorkerError) as err:
+        for _ in sampler.blocks(6):
+            if t_kill is None:
+                os.kill(victim, signal.SIGKILL)
+                t_kill = time.monotonic()
+    assert time.monotonic() - t_kill < 10
+    assert "died" in str(err.value) or "failed" in str(err.value)
+    assert not tpp2.running
+    out, _ = distributed(tpp2, 2)
+    assert all(torch.equal(a, b) for a, b in zip(out, reference))
+    assert tpp2.starts == starts + 1 and tpp2.worker_pids[1] != victim
+
+
+@pytest.mark.distributed
+def test_rank_that_raises_reports_its_traceback():
+    spec = {"kind": "callable", "target": f"{Path(__file__).resolve()}:faulty_model",
+            "kwargs": {"seed": MODEL_SEED, "rank": 1, "after": 3}}
+    with WorkerPool(PoolOptions(model=spec, workers=2, collective_timeout_s=60)) as pool:
+        tick = time.monotonic()
+        with pytest.raises(WorkerError) as err:
+            distributed(pool, 2)
+        assert time.monotonic() - tick < 10
+        assert err.value.rank == 1 and "injected fault in forward_block" in err.value.traceback_tail
+        assert not pool.running
+
+
+PARENT_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, json, sys, time
+    spec = importlib.util.spec_from_file_location("_b", {bootstrap!r})
+    b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); b.load_pack({root!r})
+    from liveavatar_pack.distributed.launcher import PoolOptions, WorkerPool
+    pool = WorkerPool(PoolOptions(model="tiny:1", workers=2)).start()
+    print(json.dumps({{"agent": pool.agent_pid, "workers": list(pool.worker_pids.values())}}), flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.distributed
+def test_killed_parent_leaves_no_worker(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_SCRIPT.format(bootstrap=str(ROOT / "liveavatar" / "bootstrap.py"), root=str(ROOT)))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = parent.stdout.readline()
+        pids = json.loads(line)
+        children = [pids["agent"], *pids["workers"]]
+        assert all(not _gone(pid) for pid in children)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not all(_gone(pid) for pid in children):
+        time.sleep(0.2)
+    left = [pid for pid in children if not _gone(pid)]
+    for pid in left:  # do not leave them behind even when failing
+        os.kill(pid, signal.SIGKILL)
+    assert not left
