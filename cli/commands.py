@@ -51,4 +51,63 @@ class Demo:
         return 0
 
 
-ALL = [Info(), Demo()]
+class Plan:
+    """Predict per-GPU and host memory before loading anything; pick a placement that fits."""
+
+    name = "plan"
+
+    def register(self, sub: argparse._SubParsersAction) -> None:
+        p = sub.add_parser(self.name, help="VRAM/RAM plan of a configuration (and a placement that fits)",
+                           description=self.__doc__)
+        p.add_argument("--gpus", default="1x24", help="COUNTxGIB, e.g. 1x24, 4x24, 1x48, 1x80, 5x80 (default 1x24)")
+        p.add_argument("--size", default="704*384", help="W*H (default 704*384)")
+        p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp8", "fp32"])
+        p.add_argument("--mode", choices=["single", "tpp", "sp"], help="default: single on 1 GPU, tpp on several")
+        p.add_argument("--steps", type=int, default=4)
+        p.add_argument("--model", default="14B", help="preset name (14B, tiny) or a config.json path")
+        p.add_argument("--blocks-on-device", type=int, help="block swap: DiT blocks kept on the GPU")
+        p.add_argument("--kv-device", choices=["device", "cpu"], help="where KV caches live")
+        p.add_argument("--kv-dtype", help="KV cache dtype, e.g. float8_e4m3fn (default: the model's)")
+        p.add_argument("--offload", action="store_true", help="offload the model between uses")
+        p.add_argument("--no-prefetch", action="store_true")
+        p.set_defaults(run=self.run)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from ..liveavatar.config import PRESETS, DiTConfig, SamplerConfig
+        from ..model_loaders.placement import PlacementConfig
+        from ..model_loaders.planner import choose_placement, parse_gpus, parse_size, plan_memory, verdict
+
+        try:
+            gpus = parse_gpus(args.gpus)
+            width, height = parse_size(args.size)
+            scfg = SamplerConfig(steps=args.steps)
+            scfg.validate()
+            if args.model in PRESETS:
+                dit, name = PRESETS[args.model], args.model
+            elif Path(args.model).is_file():
+                dit, name = DiTConfig.from_json(args.model), Path(args.model).name
+            else:
+                raise ValueError(f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")
+            mode = args.mode or ("single" if len(gpus) == 1 else "tpp")
+            world = 1 if mode == "single" else len(gpus)
+            given = any(v is not None for v in (args.blocks_on_device, args.kv_device, args.kv_dtype)) or args.offload
+            if given or args.no_prefetch:
+                placement = PlacementConfig(
+                    blocks_on_device=args.blocks_on_device, kv_cache_device=args.kv_device or "device",
+                    kv_cache_dtype=args.kv_dtype, offload_model_between_uses=args.offload, prefetch=not args.no_prefetch)
+                plan = plan_memory(dit, args.precision, width, height, scfg, placement, world, mode, model_name=name)
+            else:
+                placement, plan = choose_placement(dit, args.precision, width, height, scfg, gpus, mode, model_name=name)
+        except ValueError as err:
+            raise UserError(str(err)) from err
+        print(plan.table())
+        v = verdict(plan, gpus)
+        if not given:
+            print(f"chosen placement: {placement.to_dict() if placement else 'none fits'}")
+        print(v.message)
+        return 0 if v.fits else 1
+
+
+ALL = [Info(), Demo(), Plan()]

@@ -25,6 +25,13 @@ class CacheStorage:
     compute_device: torch.device | str | None = None  # None: same as device
     compute_dtype: torch.dtype | None = None  # None: same as dtype
     heads: tuple[int, int] | None = None  # [start, stop) of the heads held; None: all
+    # Low-precision storage (e.g. float8_e4m3fn) with a float32 absmax scale per (layer, head, token):
+    # values are stored as t / scale and read back as stored * scale, in compute_dtype.
+    scaled: bool = False
+    pin_memory: bool = False  # page-locked host tensors (async copies to an accelerator)
+    # Optional factory ``read_hook(cache) -> reader`` with ``reader.read(layer, active) -> (k, v)``
+    # and ``reader.wrote(layer, slot, k, v)``: lets a placement prefetch the next layer's history.
+    read_hook: object = None
 
     def head_count(self, num_heads: int) -> int:
         if self.heads is None:
@@ -42,6 +49,58 @@ class CacheStorage:
     def to_storage(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(device=self.device, dtype=self.dtype, non_blocking=True)
 
+    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+        t = torch.zeros(shape, device=self.device, dtype=dtype or self.dtype)
+        return t.pin_memory() if self.pin_memory else t
+
+    def allocate_scale(self, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """Scales [..., tokens, 1] beside values [..., tokens, D] (None when unscaled)."""
+        return self.allocate((*shape[:-1], 1), torch.float32) if self.scaled else None
+
+    def encode(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """t [..., D] -> (values to store, scale [..., 1] or None), computed where t is."""
+        if not self.scaled:
+            return t, None
+        tf = t.float()
+        scale = tf.abs().amax(-1, keepdim=True).clamp_min(1e-12) / torch.finfo(self.dtype).max
+        return (tf / scale).to(self.dtype), scale
+
+    def decode(self, values: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """Stored values (and scale) -> the tensor attention receives."""
+        if scale is None:
+            return self.to_compute(values)
+        device = self.compute_device if self.compute_device is not None else self.device
+        dtype = self.compute_dtype if self.compute_dtype is not None else torch.float32
+        v = values.to(device=device, non_blocking=True).float()
+        return (v * scale.to(device=device, non_blocking=True)).to(dtype)
+
+
+class _Store:
+    """Values (+ optional scales) of keys or values, [layers, H, tokens, D]."""
+
+    def __init__(self, shape: tuple[int, ...], storage: CacheStorage):
+        self.storage = storage
+        self.values = storage.allocate(shape)
+        self.scale = storage.allocate_scale(shape)
+
+    def write(self, layer: int, s: int, t: torch.Tensor) -> None:
+        """t [H, n, D] into tokens [s, s+n) of ``layer``."""
+        values, scale = self.storage.encode(t)
+        self.values[layer, :, s : s + t.shape[1]].copy_(values, non_blocking=True)
+        if scale is not None:
+            self.scale[layer, :, s : s + t.shape[1]].copy_(scale, non_blocking=True)
+
+    def raw(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stored values [1, H, length, D] and scales of ``layer``, not converted."""
+        scale = None if self.scale is None else self.scale[layer, None, :, :length]
+        return self.values[layer, None, :, :length], scale
+
+    def read(self, layer: int, length: int) -> torch.Tensor:
+        return self.storage.decode(*self.raw(layer, length))
+
+    def nbytes(self) -> int:
+        return self.values.nbytes + (0 if self.scale is None else self.scale.nbytes)
+
 
 class KVCache:
     """Keys (roped at write time) and values of the last ``capacity`` tokens of one step."""
@@ -51,8 +110,9 @@ class KVCache:
         self.capacity = capacity
         heads = storage.head_count(num_heads)
         shape = (num_layers, heads, capacity, head_dim)
-        self.k = torch.zeros(shape, device=storage.device, dtype=storage.dtype)
-        self.v = torch.zeros(shape, device=storage.device, dtype=storage.dtype)
+        self.k_store, self.v_store = _Store(shape, storage), _Store(shape, storage)
+        self.k, self.v = self.k_store.values, self.v_store.values
+        self.reader = storage.read_hook(self) if storage.read_hook is not None else None
 
     def slot(self, start: int) -> int:
         """Write position of absolute token ``start``: the history rolls over one capacity."""
@@ -68,16 +128,19 @@ class KVCache:
         n = k.shape[2]
         if s + n > self.capacity:
             raise ValueError(f"block of {n} tokens at slot {s} overflows a cache of {self.capacity}")
-        self.k[layer, :, s : s + n].copy_(k[0], non_blocking=True)
-        self.v[layer, :, s : s + n].copy_(v[0], non_blocking=True)
+        self.k_store.write(layer, s, k[0])
+        self.v_store.write(layer, s, v[0])
+        if self.reader is not None:
+            self.reader.wrote(layer, s, k, v)
 
     def read(self, layer: int, active: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [1, H, active, D] ready for attention."""
-        to = self.storage.to_compute
-        return to(self.k[layer, None, :, :active]), to(self.v[layer, None, :, :active])
+        if self.reader is not None:
+            return self.reader.read(layer, active)
+        return self.k_store.read(layer, active), self.v_store.read(layer, active)
 
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.k_store.nbytes() + self.v_store.nbytes()
 
 
 class CondCache:
@@ -88,22 +151,26 @@ class CondCache:
         self.capacity = capacity
         heads = storage.head_count(num_heads)
         shape = (num_layers, heads, capacity, head_dim)
-        self.k = torch.zeros(shape, device=storage.device, dtype=storage.dtype)
-        self.v = torch.zeros(shape, device=storage.device, dtype=storage.dtype)
+        self.k_store, self.v_store = _Store(shape, storage), _Store(shape, storage)
+        self.k, self.v = self.k_store.values, self.v_store.values
         self.length = 0
+        self.reader = storage.read_hook(self) if storage.read_hook is not None else None
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Overwrite the store with k, v [1, H, C, D] (a prefill replaces, never appends)."""
         n = k.shape[2]
         if n > self.capacity:
             raise ValueError(f"{n} sink tokens exceed the cond cache of {self.capacity}")
-        self.k[layer, :, :n].copy_(k[0], non_blocking=True)
-        self.v[layer, :, :n].copy_(v[0], non_blocking=True)
+        self.k_store.write(layer, 0, k[0])
+        self.v_store.write(layer, 0, v[0])
         self.length = n
+        if self.reader is not None:
+            self.reader.wrote(layer, 0, k, v)
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        to = self.storage.to_compute
-        return to(self.k[layer, None, :, : self.length]), to(self.v[layer, None, :, : self.length])
+        if self.reader is not None:
+            return self.reader.read(layer, self.length)
+        return self.k_store.read(layer, self.length), self.v_store.read(layer, self.length)
 
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.k_store.nbytes() + self.v_store.nbytes()

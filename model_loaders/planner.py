@@ -1,0 +1,508 @@
+"""VRAM / host-RAM planner: per-device peak of a configuration, before anything is loaded.
+
+Everything is counted from the configs (``DiTConfig``, ``SamplerConfig``, ``PlacementConfig``,
+the encoder/VAE sizes), never from hard-wired 14B numbers:
+
+* weights: parameters counted on a meta-device model, per precision (fp8: the Linear layers
+  of ``blocks``/``audio_injector`` at 1 byte + a float32 scale per tensor, the rest in bf16,
+  ``keep_in_fp32`` modules in float32 - the set ``model_loaders/fp8.py`` quantizes); block
+  swap: non-block weights + N resident blocks + one prefetch buffer; sp: 1/world of the
+  weights (FSDP shards) + the gathered block and its prefetch;
+* KV caches: steps x layers x 2 x tokens x heads x head_dim x bytes (+ fp8 scales), one clip
+  window of tokens (latent_frames_per_clip x tokens per frame); tpp: each rank only its steps;
+  sp: heads split across ranks; sink store: sink tokens instead of the window;
+* activations of one ``forward_block`` (an estimate; see ``activation_terms``), text K/V of
+  every layer (kept for the whole run), VAE decode of one block (estimate), encoders when
+  kept resident, and a fixed runtime reserve (CUDA context, cuBLAS workspace, allocator).
+
+Exact terms (weights, KV, sink, text K/V) equal what the engine allocates; tests/test_planner.py
+checks them against tiny models and the activation estimate against a measured peak.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+
+from ..liveavatar.config import DiTConfig, SamplerConfig
+from .placement import PlacementConfig, dtype_name
+
+GiB = 1024**3
+PRECISIONS = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+FP8_SCOPES = ("blocks", "audio_injector")
+
+
+# ---------------------------------------------------------------------------- sizes of other models
+@dataclass(frozen=True)
+class VAESize:
+    """Wan 2.1 VAE (defaults: its released config). Decode working set is an estimate."""
+
+    base_dim: int = 96
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    params: int = 126_892_531
+    dtype_bytes: int = 2
+    spatial_stride: int = 8
+    temporal_stride: int = 4
+    live_factor: int = 8  # full-resolution activations alive at once (input, norms, conv out, upsample)
+
+
+@dataclass(frozen=True)
+class EncoderSizes:
+    """Text (umT5-XXL encoder) and audio (wav2vec2-large) encoders: parameters and bytes each."""
+
+    text_params: int = 5_680_000_000
+    text_bytes: int = 2
+    audio_params: int = 315_400_000
+    audio_bytes: int = 2
+
+
+# ---------------------------------------------------------------------------- plan objects
+@dataclass
+class Term:
+    name: str
+    bytes: int
+    note: str = ""
+    exact: bool = True
+
+
+@dataclass
+class DevicePlan:
+    role: str
+    count: int
+    terms: list[Term]
+
+    @property
+    def total(self) -> int:
+        return sum(t.bytes for t in self.terms)
+
+
+@dataclass
+class MemoryPlan:
+    settings: dict
+    devices: list[DevicePlan]
+    host: list[Term]
+    encode_phase: list[Term] = field(default_factory=list)  # device peak while encoders run (before sampling)
+    traffic_per_forward: int = 0  # host -> device bytes per DiT call (block swap + host KV)
+
+    @property
+    def peak_device(self) -> int:
+        return max(d.total for d in self.devices)
+
+    @property
+    def host_total(self) -> int:
+        return sum(t.bytes for t in self.host)
+
+    def term(self, name: str, device: int = 0) -> int:
+        return sum(t.bytes for t in self.devices[device].terms if t.name == name)
+
+    def table(self) -> str:
+        s = self.settings
+        lines = [
+            f"{s['model']} | {s['precision']} weights | {s['width']}x{s['height']} "
+            f"(latent {s['latent_h']}x{s['latent_w']}, {s['tokens_per_frame']} tokens/frame) | "
+            f"{s['steps']} steps | mode {s['mode']} x{s['world_size']}",
+            f"placement: {s['placement']}",
+            f"tokens: block {s['block_tokens']}, KV window {s['window_tokens']}, sink {s['sink_tokens']}, "
+            f"keys per layer {s['keys_per_layer']}",
+        ]
+        for dev in self.devices:
+            lines.append(f"-- per device: {dev.role}" + (f" (x{dev.count})" if dev.count > 1 else ""))
+            for t in dev.terms:
+                mark = "" if t.exact else " ~"
+                lines.append(f"   {t.name:<26}{t.bytes / GiB:>8.2f} GiB{mark}  {t.note}")
+            lines.append(f"   {'TOTAL':<26}{dev.total / GiB:>8.2f} GiB")
+        if self.encode_phase:
+            enc = sum(t.bytes for t in self.encode_phase)
+            parts = ", ".join(f"{t.name} {t.bytes / GiB:.2f}" for t in self.encode_phase)
+            lines.append(f"-- encode phase (before sampling, one device): {enc / GiB:.2f} GiB ({parts})")
+        lines.append("-- host RAM")
+        for t in self.host:
+            lines.append(f"   {t.name:<26}{t.bytes / GiB:>8.2f} GiB  {t.note}")
+        lines.append(f"   {'TOTAL':<26}{self.host_total / GiB:>8.2f} GiB")
+        if self.traffic_per_forward:
+            lines.append(f"host->device traffic per DiT call: {self.traffic_per_forward / GiB:.2f} GiB")
+        lines.append("(~ = estimate; other terms are exact byte counts of what the engine allocates)")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- weights
+@dataclass(frozen=True)
+class WeightCount:
+    block: int  # bytes of one DiT block
+    base: int  # bytes outside the blocks
+    block_params: int
+    base_params: int
+
+    def total(self, num_layers: int) -> int:
+        return self.base + num_layers * self.block
+
+
+_WEIGHT_CACHE: dict = {}
+
+
+def weight_bytes(cfg: DiTConfig, precision: str) -> WeightCount:
+    """Bytes of the DiT's weights in ``precision``, counted on a meta-device model."""
+    key = (cfg, precision)
+    if key in _WEIGHT_CACHE:
+        return _WEIGHT_CACHE[key]
+    from ..liveavatar.transformer import LiveAvatarTransformer
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    with torch.device("meta"):
+        model = LiveAvatarTransformer(cfg)
+    keep = LiveAvatarTransformer.keep_in_fp32
+    linear_weights = {
+        f"{mname}.weight"
+        for mname, m in model.named_modules()
+        if isinstance(m, nn.Linear) and mname.split(".")[0] in FP8_SCOPES
+    }
+    block = base = block_params = base_params = 0
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if any(k in parts for k in keep):
+            nbytes = 4 * p.numel()
+        elif precision == "fp8" and name in linear_weights:
+            nbytes = p.numel() + 4  # float8 values + one float32 scale per tensor
+        else:
+            nbytes = min(PRECISIONS[precision], 2) * p.numel() if precision != "fp32" else 4 * p.numel()
+        if parts[0] == "blocks":
+            if parts[1] == "0":
+                block += nbytes
+                block_params += p.numel()
+        else:
+            base += nbytes
+            base_params += p.numel()
+    out = WeightCount(block, base, block_params, base_params)
+    _WEIGHT_CACHE[key] = out
+    return out
+
+
+# ---------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class Geometry:
+    latent_h: int
+    latent_w: int
+    tokens_per_frame: int
+    block_tokens: int
+    window_tokens: int
+    sink_tokens: int
+
+    @property
+    def keys(self) -> int:
+        return self.window_tokens + self.sink_tokens
+
+
+def geometry(cfg: DiTConfig, scfg: SamplerConfig, width: int, height: int, vae_stride: int = 8) -> Geometry:
+    h, w = height // vae_stride, width // vae_stride
+    _, ph, pw = cfg.patch_size
+    fsl = (h // ph) * (w // pw)
+    # sink: reference frame + FramePack buckets (kernels 1x2x2, 2x4x4, 4x8x8 of the patch grid)
+    n1, n2, n4 = cfg.zip_frame_buckets
+    sink = fsl + n1 * (h // 2) * (w // 2) + (n2 // 2) * (h // 4) * (w // 4) + (n4 // 4) * (h // 8) * (w // 8)
+    return Geometry(h, w, fsl, scfg.latent_frames_per_block * fsl, scfg.latent_frames_per_clip * fsl, sink)
+
+
+def cache_bytes(cfg: DiTConfig, tokens: int, heads: int, dtype_bytes: int, scaled: bool) -> int:
+    """One KVCache/CondCache: layers x (k, v) x heads x tokens x head_dim (+ float32 scale per token-head)."""
+    n = cfg.num_layers * 2 * heads * tokens
+    return n * cfg.head_dim * dtype_bytes + (n * 4 if scaled else 0)
+
+
+# ---------------------------------------------------------------------------- activations
+def activation_terms(cfg: DiTConfig, g: Geometry, b: int, heads_frac: float, kv_copies: int) -> tuple[int, dict]:
+    """Estimated peak bytes of one ``forward_block`` beyond weights, caches and text K/V.
+
+    b: compute dtype bytes. Attention phase (inside ``attend``): block input, normed input,
+    q/k/v, roped q and k, attention output (7 x L x dim), concatenated keys and values
+    (2 x K x dim x heads_frac), float32 RoPE temporaries (3 x L x dim x 4), plus ``kv_copies``
+    materialised reads of the window and sink (fp8 decode or host copies; 2 with prefetch).
+    FFN phase: input, float32 residual, normed input, hidden and GELU output (2 x L x ffn).
+    Plus the RoPE tables (float32) and per-frame modulation and audio tokens.
+    """
+    L, K, dim = g.block_tokens, g.keys, cfg.dim
+    attn = 7 * L * dim * b + 2 * K * dim * b * heads_frac + 3 * L * dim * 4
+    attn += kv_copies * 2 * K * dim * b * heads_frac
+    ffn = L * dim * b + L * dim * 4 + L * dim * b + 2 * L * cfg.ffn_dim * b + L * dim * 4
+    fixed = (L + g.sink_tokens) * cfg.head_dim * 4  # cos/sin tables [tokens, D/2, 2] float32
+    frames = L // g.tokens_per_frame
+    fixed += frames * 6 * dim * 4 + frames * (cfg.num_audio_token + 2) * dim * b
+    return int(max(attn, ffn) + fixed), {"attention": int(attn), "ffn": int(ffn), "fixed": int(fixed)}
+
+
+def vae_decode_bytes(vae: VAESize, scfg: SamplerConfig, width: int, height: int) -> tuple[int, int]:
+    """(weights, working set) of decoding one block: frames of one latent at a time at full size."""
+    pixels = width * height
+    full = vae.base_dim * vae.dim_mult[0]
+    frames = vae.temporal_stride
+    work = vae.live_factor * frames * pixels * full * vae.dtype_bytes
+    # causal-conv caches: 2 frames per conv, (num_res_blocks + 1) res blocks x 2 convs per level
+    convs = (vae.num_res_blocks + 1) * 2
+    cache = 0
+    for level, mult in enumerate(vae.dim_mult):  # level i: 1/2^i of the full size
+        cache += convs * 2 * vae.base_dim * mult * (pixels // 4**level) * vae.dtype_bytes
+    return vae.params * vae.dtype_bytes, work + cache
+
+
+# ---------------------------------------------------------------------------- the plan
+def plan_memory(
+    dit_cfg: DiTConfig,
+    precision: str = "bf16",
+    width: int = 704,
+    height: int = 384,
+    sampler_cfg: SamplerConfig = SamplerConfig(),
+    placement: PlacementConfig | None = None,
+    world_size: int = 1,
+    mode: str = "single",
+    vae: VAESize = VAESize(),
+    encoders: EncoderSizes = EncoderSizes(),
+    encoders_resident: bool = False,
+    runtime_reserve: int = int(0.75 * GiB),
+    model_name: str | None = None,
+) -> MemoryPlan:
+    """Per-device and host memory of sampling with this configuration (see module docstring)."""
+    placement = placement or PlacementConfig()
+    if mode not in ("single", "tpp", "sp"):
+        raise ValueError(f"mode must be single, tpp or sp, got {mode!r}")
+    if mode == "single" and world_size != 1:
+        raise ValueError("mode 'single' runs on one device; use tpp or sp for several")
+    if mode != "single" and world_size < 2:
+        raise ValueError(f"mode {mode} needs at least 2 devices")
+    if mode == "sp" and dit_cfg.num_heads % world_size:
+        raise ValueError(f"sp splits {dit_cfg.num_heads} heads evenly; {world_size} ranks do not divide them")
+    cfg, scfg = dit_cfg, sampler_cfg
+    g = geometry(cfg, scfg, width, height, vae.spatial_stride)
+    w = weight_bytes(cfg, precision)
+    b = 4 if precision == "fp32" else 2
+    L = cfg.num_layers
+    kv_dtype = placement.kv_cache_dtype
+    kv_b = kv_dtype.itemsize if kv_dtype is not None else b
+    scaled = kv_b == 1
+    kv_host = placement.kv_cache_device == "cpu"
+    heads = cfg.num_heads // world_size if mode == "sp" else cfg.num_heads
+    heads_frac = heads / cfg.num_heads
+
+    # weights on one DiT device
+    swap = placement.blocks_on_device is not None and placement.blocks_on_device < L
+    if mode == "sp":
+        gathered = 2 * w.block  # the gathered unit and the next one (FSDP prefetch)
+        dev_weights = Term("weights", math.ceil(w.total(L) / world_size) + gathered,
+                           f"1/{world_size} shard + 2 gathered blocks", exact=False)
+        host_weights = 0
+        n_swapped = 0
+    elif swap:
+        n = placement.blocks_on_device
+        buffer = w.block if placement.prefetch else 0
+        dev_weights = Term("weights", w.base + n * w.block + buffer,
+                           f"non-block + {n} resident block(s)" + (" + 1 prefetch buffer" if buffer else ""))
+        n_swapped = L - (n - 1)
+        host_weights = n_swapped * w.block
+    else:
+        dev_weights = Term("weights", w.total(L), f"{L} blocks of {w.block / 2**20:.0f} MiB + {w.base / 2**20:.0f} MiB")
+        n_swapped = 0
+        host_weights = w.total(L) if placement.offload_model_between_uses else 0
+    if placement.offload_model_between_uses and not swap and mode != "sp":
+        dev_weights.note += " (while in use)"
+        host_weights = w.total(L)
+    elif placement.offload_model_between_uses and swap:
+        host_weights = n_swapped * w.block + w.base + (placement.blocks_on_device - 1) * w.block
+
+    one_kv = cache_bytes(cfg, g.window_tokens, heads, kv_b, scaled)
+    sink = cache_bytes(cfg, g.sink_tokens, heads, kv_b, scaled)
+    text_kv = L * 2 * cfg.text_len * cfg.dim * b
+    if kv_host:
+        kv_copies = 2 if placement.prefetch else 1
+    else:
+        kv_copies = 1 if kv_dtype is not None and kv_b != b else 0
+    act, _ = activation_terms(cfg, g, b, heads_frac, kv_copies)
+    if mode == "sp":
+        act += 3 * g.block_tokens * cfg.dim * b  # head scatter copies of q/k/v + the gathered output
+    vae_w, vae_work = vae_decode_bytes(vae, scfg, width, height)
+
+    def dit_device(role: str, count: int, steps: int, with_vae: bool) -> DevicePlan:
+        kv_note = f"{steps} step cache(s) x {one_kv / GiB:.2f} GiB ({dtype_name(kv_dtype) or 'model dtype'}"
+        kv_note += f", {heads} heads)" if mode == "sp" else ")"
+        terms = [dev_weights]
+        if kv_host:
+            terms.append(Term("KV caches", 0, f"on host: {kv_note}"))
+            terms.append(Term("sink cache", 0, "on host"))
+        else:
+            terms.append(Term("KV caches", steps * one_kv, kv_note))
+            terms.append(Term("sink cache", sink, f"{g.sink_tokens} sink tokens"))
+        terms.append(Term("text K/V", text_kv, f"{L} layers x 2 x {cfg.text_len} x {cfg.dim}"))
+        terms.append(Term("activations", act, f"one block: {g.block_tokens} tokens, {g.keys} keys", exact=False))
+        if with_vae:
+            terms.append(Term("VAE decode", vae_w + vae_work, "weights + one block's working set", exact=False))
+        if encoders_resident:
+            terms.append(Term("encoders (resident)", encoders.text_params * encoders.text_bytes
+                              + encoders.audio_params * encoders.audio_bytes))
+        terms.append(Term("runtime reserve", runtime_reserve, "CUDA context, workspaces, allocator", exact=False))
+        return DevicePlan(role, count, terms)
+
+    steps = scfg.steps
+    if mode == "tpp":
+        dit_ranks = min(world_size, steps)
+        per = [steps // dit_ranks + (1 if r < steps % dit_ranks else 0) for r in range(dit_ranks)]
+        devices = []
+        decode_rank = world_size > steps
+        most = max(per)
+        devices.append(dit_device(f"DiT rank ({most} step(s) each)", per.count(most), most, with_vae=not decode_rank and per.count(most) == dit_ranks))
+        if per.count(most) != dit_ranks:
+            devices.append(dit_device(f"DiT rank ({most - 1} step(s), decodes)", dit_ranks - per.count(most), most - 1, with_vae=not decode_rank))
+        if decode_rank:
+            devices.append(DevicePlan("decode rank", world_size - dit_ranks, [
+                Term("VAE decode", vae_w + vae_work, "weights + one block's working set", exact=False),
+                Term("runtime reserve", runtime_reserve, "CUDA context, workspaces, allocator", exact=False)]))
+        host_kv = sum(per) * one_kv + dit_ranks * sink if kv_host else 0
+        host_w = host_weights * dit_ranks
+    else:
+        role = "rank (heads split, weights sharded)" if mode == "sp" else "GPU"
+        devices = [dit_device(role + (", decodes" if mode == "sp" else ""), 1, steps, True)]
+        if mode == "sp":
+            devices.append(dit_device(role, world_size - 1, steps, False))
+        host_kv = (steps * one_kv + sink) * (world_size if mode == "sp" else 1) if kv_host else 0
+        host_w = host_weights
+
+    host = []
+    if host_w:
+        host.append(Term("pinned weights", host_w, "swapped blocks" if swap else "offloaded model"))
+    if host_kv:
+        host.append(Term("KV + sink caches", host_kv, "pinned, prefetched per layer" if placement.prefetch else "pinned"))
+    host.append(Term("encoders (CPU copy)", encoders.text_params * encoders.text_bytes + encoders.audio_params * encoders.audio_bytes,
+                     "umT5 + wav2vec2, offloaded after encoding", exact=False))
+    encode_phase = [] if encoders_resident else [
+        Term("text encoder", encoders.text_params * encoders.text_bytes),
+        Term("audio encoder", encoders.audio_params * encoders.audio_bytes)]
+
+    traffic = 0
+    if swap and mode != "sp":
+        traffic += n_swapped * w.block
+    if kv_host:
+        traffic += cache_bytes(cfg, g.keys, heads, kv_b, scaled)  # every layer's window + sink, once per call
+
+    settings = {
+        "model": model_name or f"DiT dim {cfg.dim} x {cfg.num_layers} layers",
+        "precision": precision, "width": width, "height": height,
+        "latent_h": g.latent_h, "latent_w": g.latent_w, "tokens_per_frame": g.tokens_per_frame,
+        "block_tokens": g.block_tokens, "window_tokens": g.window_tokens, "sink_tokens": g.sink_tokens,
+        "keys_per_layer": g.keys, "steps": steps, "mode": mode, "world_size": world_size,
+        "placement": placement.describe(), "placement_dict": placement.to_dict(),
+    }
+    return MemoryPlan(settings, devices, host, encode_phase, traffic)
+
+
+# ---------------------------------------------------------------------------- verdicts
+def parse_gpus(spec: str) -> list[float]:
+    """'4x24' -> [24.0] * 4 (GiB each); '24' -> [24.0]; '80,80' -> [80.0, 80.0]."""
+    out = []
+    for part in str(spec).replace(" ", "").split(","):
+        m = re.fullmatch(r"(?:(\d+)x)?(\d+(?:\.\d+)?)(?:g|gb|gib)?", part.lower())
+        if not m:
+            raise ValueError(f"cannot read GPUs {spec!r}: use COUNTxGIB, e.g. 1x24, 4x24, 5x80")
+        out += [float(m.group(2))] * int(m.group(1) or 1)
+    return out
+
+
+def parse_size(spec: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[*x]\s*(\d+)\s*", str(spec))
+    if not m:
+        raise ValueError(f"cannot read size {spec!r}: use W*H, e.g. 704*384")
+    return int(m.group(1)), int(m.group(2))
+
+
+@dataclass
+class Verdict:
+    fits: bool
+    message: str
+    headroom: float  # GiB left on the tightest device (negative: missing)
+
+
+def verdict(plan: MemoryPlan, gpus: list[float] | str, host_ram_gib: float | None = None, margin: float = 0.05) -> Verdict:
+    """Does ``plan`` fit on ``gpus`` (GiB each), keeping ``margin`` of each device free for the
+    estimates' error and fragmentation? The message names what to change when it does not."""
+    gpus = parse_gpus(gpus) if isinstance(gpus, str) else list(gpus)
+    needed = sum(d.count for d in plan.devices)
+    if len(gpus) < needed:
+        return Verdict(False, f"the plan needs {needed} devices, {len(gpus)} given", -math.inf)
+    cap = min(gpus) * GiB * (1 - margin)
+    worst = max(plan.devices, key=lambda d: d.total)
+    headroom = (cap - worst.total) / GiB
+    host_note = ""
+    if host_ram_gib is not None and plan.host_total > host_ram_gib * GiB:
+        return Verdict(False, f"host RAM: needs {plan.host_total / GiB:.1f} GiB, {host_ram_gib:.0f} GiB available", headroom)
+    if headroom >= 0:
+        return Verdict(True, f"fits: peak {worst.total / GiB:.1f} GiB of {min(gpus):.0f} GiB on {worst.role} "
+                       f"({headroom:.1f} GiB spare beyond a {margin:.0%} margin){host_note}", headroom)
+    terms = sorted(worst.terms, key=lambda t: -t.bytes)
+    big = ", ".join(f"{t.name} {t.bytes / GiB:.1f}" for t in terms[:3])
+    s = plan.settings
+    hints = []
+    if s["precision"] not in ("fp8",):
+        hints.append("fp8 weights (--precision fp8)")
+    pd = s["placement_dict"]
+    if pd["blocks_on_device"] is None and s["mode"] != "sp":
+        hints.append("block swap (blocks_on_device N)")
+    if pd["kv_cache_device"] != "cpu":
+        hints.append("KV caches in host RAM (kv_cache_device cpu)")
+    if pd["kv_cache_dtype"] is None:
+        hints.append("fp8 KV caches (kv_cache_dtype float8_e4m3fn; changes results slightly)")
+    hints.append("more GPUs (--mode sp splits heads and weights; --mode tpp splits steps)")
+    return Verdict(False, f"does not fit: {worst.role} needs {worst.total / GiB:.1f} GiB, has {min(gpus):.0f} GiB "
+                   f"(minus a {margin:.0%} margin) "
+                   f"(largest: {big} GiB). Try: " + "; ".join(hints), headroom)
+
+
+def _candidates(num_layers: int, prefetch: bool, device: str):
+    """Placements from cheapest (no host traffic, exact) to most frugal."""
+    exact, lossy = [], []
+    for fp8 in (False, True):
+        for kv_dev in ("device", "cpu"):
+            for n in [None] + list(range(num_layers - 1, 0, -1)):
+                pc = PlacementConfig(device=device, blocks_on_device=n, kv_cache_device=kv_dev,
+                                     kv_cache_dtype=torch.float8_e4m3fn if fp8 else None, prefetch=prefetch)
+                (lossy if fp8 else exact).append(pc)
+    return exact, lossy
+
+
+def choose_placement(
+    dit_cfg: DiTConfig,
+    precision: str,
+    width: int,
+    height: int,
+    sampler_cfg: SamplerConfig,
+    gpus: list[float] | str,
+    mode: str = "single",
+    device: str = "cuda",
+    allow_fp8_kv: bool = True,
+    **plan_kwargs,
+) -> tuple[PlacementConfig | None, MemoryPlan]:
+    """The cheapest placement that fits: exact placements first (least host->device traffic per
+    DiT call), then fp8 KV caches if allowed. Returns (None, plan of the most frugal try) if none fits."""
+    gpus = parse_gpus(gpus) if isinstance(gpus, str) else list(gpus)
+    world = len(gpus) if mode != "single" else 1
+    exact, lossy = _candidates(dit_cfg.num_layers, True, device)
+    last = None
+    for group in (exact, lossy if allow_fp8_kv else []):
+        fitting = []
+        for pc in group:
+            if mode == "sp" and pc.blocks_on_device is not None:
+                continue  # sp already streams sharded blocks
+            plan = plan_memory(dit_cfg, precision, width, height, sampler_cfg, pc, world, mode, **plan_kwargs)
+            last = plan
+            if verdict(plan, gpus).fits:
+                fitting.append((plan.traffic_per_forward, plan.peak_device, pc, plan))
+        if fitting:
+            _, _, pc, plan = min(fitting, key=lambda t: (t[0], t[1]))
+            return pc, plan
+    return None, last
+
+
+__all__ = [
+    "GiB", "VAESize", "EncoderSizes", "Term", "DevicePlan", "MemoryPlan", "Verdict", "Geometry",
+    "weight_bytes", "geometry", "cache_bytes", "activation_terms", "vae_decode_bytes",
+    "plan_memory", "verdict", "choose_placement", "parse_gpus", "parse_size",
+]
