@@ -110,4 +110,23 @@ class Plan:
         return 0 if v.fits else 1
 
 
-ALL = [Info(), Demo(), Plan()]
+class Generate:
+    """Real weights from disk: an image and an audio track -> a lip-synced MP4 with sound."""
+
+    name = "generate"
+
+    def register(self, sub: argparse._SubParsersAction) -> None:
+        from .generate import add_arguments
+
+        p = sub.add_parser(self.name, help="generate a video with real model weights", description=self.__doc__)
+        add_arguments(p)
+        p.set_defaults(run=self.run)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from .generate import run_generate
+
+        print(f"wrote {run_generate(args)}")
+        return 0
+
+
+ALL = [Info(), Demo(), Generate(), Plan()]

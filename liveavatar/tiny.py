@@ -73,3 +73,21 @@ def byte_tokens(prompt: str, vocab: int, length: int) -> tuple[torch.Tensor, tor
     padded[0, : len(ids)] = torch.tensor(ids)
     mask = (torch.arange(length) < len(ids)).to(torch.int64)[None]
     return padded, mask
+
+
+def save_tiny_tokenizer(directory, vocab: int = 256) -> None:
+    """Write a small umT5-style tokenizer (unigram over characters; pad 0, eos 1, unk 2) as tokenizer.json.
+
+    Real runs use the ``google/umt5-xxl`` tokenizer directory; this one lets tests and
+    demos exercise the same directory-loading path with a tiny text encoder.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + list("äöüéèàçñ")
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in chars[: vocab - 4]] + [("▁", -1.0)]
+    tok = Tokenizer(models.Unigram(pieces[:vocab], unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(str(directory))

@@ -1,0 +1,123 @@
+"""``python -m liveavatar generate`` on tiny models written in real file formats."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+import soundfile
+import torch
+from safetensors.torch import save_file
+
+from media_probe import probe_media
+from liveavatar_pack.liveavatar.demo_assets import synth_face, synth_speech
+from liveavatar_pack.liveavatar.tiny import (
+    save_tiny_tokenizer,
+    tiny_audio_encoder,
+    tiny_text_encoder,
+    tiny_transformer,
+    tiny_vae,
+)
+from liveavatar_pack.model_loaders.model_dir import find_model_files
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A ComfyUI-style models/ folder with tiny models (DiT as a sharded HF directory)."""
+    root = tmp_path_factory.mktemp("models")
+    dit = tiny_transformer(seed=4)
+    shard_dir = root / "diffusion_models" / "Wan2.2-S2V-tiny"
+    shard_dir.mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in dit.state_dict().items()}
+    names = sorted(state)
+    half = len(names) // 2
+    weight_map = {}
+    for i, part in enumerate((names[:half], names[half:]), start=1):
+        fname = f"diffusion_pytorch_model-0000{i}-of-00002.safetensors"
+        save_file({k: state[k] for k in part}, shard_dir / fname)
+        weight_map.update({k: fname for k in part})
+    (shard_dir / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dit.cfg.__dict__.items()}
+    (shard_dir / "config.json").write_text(json.dumps(cfg))
+
+    gen = torch.Generator().manual_seed(0)
+    lora = {}
+    for name in ("blocks.0.self_attn.q", "blocks.1.ffn.0"):
+        out_f, in_f = dict(dit.named_modules())[name].weight.shape
+        lora[f"base_model.model.{name}.lora_A.default.weight"] = torch.randn(4, in_f, generator=gen) * 0.1
+        lora[f"base_model.model.{name}.lora_B.default.weight"] = torch.randn(out_f, 4, generator=gen) * 0.1
+    (root / "loras").mkdir()
+    save_file(lora, root / "loras" / "liveavatar.safetensors")
+    (root / "loras" / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+
+    tiny_vae(seed=1).model.save_pretrained(root / "vae" / "wan_2.1_vae_diffusers")
+    text = tiny_text_encoder(seed=3)
+    (root / "text_encoders").mkdir()
+    text_state = {k: v.contiguous() for k, v in text.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    save_file(text_state, root / "text_encoders" / "umt5_tiny.safetensors")  # HF/ComfyUI layout, tie dropped
+    save_tiny_tokenizer(root / "text_encoders" / "umt5-xxl")
+    tiny_audio_encoder(seed=2).save_pretrained(root / "audio_encoders" / "wav2vec2-tiny")
+    return root
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    synth_face(300, 200).save(d / "face.png")
+    soundfile.write(d / "voice.wav", np.stack([synth_speech(1.2, 22050)] * 2, axis=1), 22050)  # stereo, 22.05 kHz
+    return d
+
+
+def _generate(models, inputs, out, *extra):
+    vae = models / "vae" / "wan_2.1_vae_diffusers"  # a diffusers folder: given explicitly
+    cmd = [sys.executable, "-m", "liveavatar", "generate", "--models", str(models), "--image", str(inputs / "face.png"),
+           "--audio", str(inputs / "voice.wav"), "--size", "128*128", *(["--vae", str(vae)] if vae.exists() else []),
+           "--out", str(out), *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_model_folder_discovery(models):
+    files = find_model_files(models)
+    assert files.dit == models / "diffusion_models" / "Wan2.2-S2V-tiny"
+    assert files.lora.name == "liveavatar.safetensors" and files.text_encoder.name == "umt5_tiny.safetensors"
+    assert files.tokenizer.name == "umt5-xxl" and files.audio_encoder.name == "wav2vec2-tiny"
+    assert files.missing() == ["vae"]
+
+
+@pytest.mark.slow
+def test_generate_writes_video_with_sound(models, inputs, tmp_path):
+    out = tmp_path / "talk.mp4"
+    result = _generate(models, inputs, out, "--num-clips", "1", "--prompt", "a cheerful person")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LoRA liveavatar.safetensors: merged 2 LoRA matrices" in result.stderr
+    frames, _ = imageio_ffmpeg.count_frames_and_secs(str(out))
+    assert frames == 45
+    streams, audio_secs = probe_media(out)
+    assert ("Audio", "aac") in streams and 1.1 <= audio_secs <= 45 / 25 + 1e-3
+
+
+def test_missing_parts_are_listed_before_loading(tmp_path, inputs):
+    (tmp_path / "models").mkdir()
+    result = _generate(tmp_path / "models", inputs, tmp_path / "x.mp4")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    for part in ("dit", "lora", "vae", "text_encoder", "tokenizer", "audio_encoder"):
+        assert f"- {part}: get" in result.stderr
+    assert "Wan-AI/Wan2.2-S2V-14B" in result.stderr
+
+
+@pytest.mark.parametrize("bad", ["image", "audio", "prompt"])
+def test_bad_inputs_are_refused_up_front(models, inputs, tmp_path, bad):
+    (tmp_path / "not_image.png").write_text("hello")
+    (tmp_path / "empty.wav").write_bytes(b"")
+    extra = {"image": ["--image", str(tmp_path / "not_image.png")], "audio": ["--audio", str(tmp_path / "empty.wav")],
+             "prompt": ["--prompt", "word " * 600]}[bad]
+    result = _generate(models, inputs, tmp_path / "x.mp4", *extra)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert {"image": "not_image.png", "audio": "empty.wav", "prompt": "tokens long"}[bad] in result.stderr
+    assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "x.partial.mp4").exists()
