@@ -359,14 +359,32 @@ class WorkerPool:
             if doing == "starting":
                 raise WorkerError(f"workers not ready within {self.options.start_timeout_s} s{self._log_tail()}")
             return -1, None
-        if msg is None:
-            # give a rank that raised a moment to report (its error precedes its EOF)
-            time.sleep(0.2)
-            pid = self.worker_pids.get(rank)
-            raise WorkerError(f"rank {rank} (pid {pid}) died while {doing} without a report{self._log_tail()}", rank)
-        if msg["type"] == "error":
-            raise WorkerError(f"rank {msg['rank']} failed while {doing}", int(msg["rank"]), msg["traceback"])
+        if msg is None or msg["type"] == "error":
+            self._fail((rank, msg), doing)
         return rank, msg
+
+    def _fail(self, first: tuple[int, dict | None], doing: str, grace_s: float = 0.5) -> None:
+        """Raise for the root failure: the earliest error any rank reported, else the rank that died.
+
+        Once one rank fails the others usually fail too (a peer's socket closed, torchrun's
+        SIGTERM), so the reports of a short grace period are compared first.
+        """
+        events = [first]
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            try:
+                events.append(self._events.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        errors = [m for _, m in events if m is not None and m["type"] == "error"]
+        dead = sorted({r for r, m in events if m is None} - {int(m["rank"]) for m in errors})
+        if errors:
+            err = min(errors, key=lambda m: m.get("time", 0.0))
+            also = f" (rank(s) {dead} exited without a report)" if dead else ""
+            raise WorkerError(f"rank {err['rank']} failed while {doing}{also}", int(err["rank"]), err["traceback"])
+        rank = dead[0]
+        pid = self.worker_pids.get(rank)
+        raise WorkerError(f"rank {rank} (pid {pid}) died while {doing} without a report{self._log_tail()}", rank)
 
     # ------------------------------------------------------------------ jobs
     def run(self, job: dict, check_cancel: Callable[[], None] | None = None, poll_s: float = 0.05) -> Iterator[dict]:

@@ -404,9 +404,10 @@ def serve() -> None:
             inbox.cancelled.discard(job.id)
             conn.send({"type": "done", "job": job.id, "rank": rank, "stats": stats})
     except BaseException:
+        when = time.time()  # the parent reports the earliest failure as the cause
         tail = traceback.format_exc()[-TRACEBACK_TAIL:]
         try:
-            conn.send({"type": "error", "rank": rank, "traceback": tail})
+            conn.send({"type": "error", "rank": rank, "traceback": tail, "time": when})
         finally:
             sys.stderr.write(tail)
             sys.stderr.flush()

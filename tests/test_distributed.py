@@ -169,6 +169,15 @@ def test_sp_two_ranks_equal_single_process_with_split_caches_and_weights(referen
     single_params = sum(p.nbytes for p in single_model.parameters())
     with WorkerPool(PoolOptions(model=f"tiny:{MODEL_SEED}", workers=2, mode="sp", collective_timeout_s=60)) as pool:
         out, stats = distributed(pool, 2)
+        # an interrupt: both ranks agree on the block (they exchange a flag before each one)
+        seen = []
+        sampler = DistributedSampler(pool, SamplerConfig(), *inputs(3), seed=0,
+                                     check_cancel=lambda: (_ for _ in ()).throw(Cancelled()) if seen else None)
+        with pytest.raises(Cancelled):
+            for block in sampler.blocks(3):
+                seen.append(block)
+        stops = {r: s["stopped_at"] for r, s in pool.last_stats.items()}
+        assert len(set(stops.values())) == 1 and stops[0] is not None and stops[0] >= (0, 1), stops
     for a, b in zip(out, reference):
         assert (a - b).abs().max().item() <= 2e-5 * max(1.0, b.abs().max().item())
     for rank, s in stats.items():
@@ -234,13 +243,24 @@ def test_killed_rank_fails_fast_and_next_run_starts_fresh(tpp2, reference):
 def test_rank_that_raises_reports_its_traceback():
     spec = {"kind": "callable", "target": f"{Path(__file__).resolve()}:faulty_model",
             "kwargs": {"seed": MODEL_SEED, "rank": 1, "after": 3}}
-    with WorkerPool(PoolOptions(model=spec, workers=2, collective_timeout_s=60)) as pool:
+    with WorkerPool(PoolOptions(model=spec, workers=2, collective_timeout_s=60, channel="tcp")) as pool:
         tick = time.monotonic()
         with pytest.raises(WorkerError) as err:
             distributed(pool, 2)
         assert time.monotonic() - tick < 10
         assert err.value.rank == 1 and "injected fault in forward_block" in err.value.traceback_tail
         assert not pool.running
+
+
+@pytest.mark.distributed
+def test_idle_pool_times_out():
+    pool = WorkerPool(PoolOptions(model="tiny:0", workers=2, idle_timeout_s=1)).start()
+    pids = [pool.agent_pid, *pool.worker_pids.values()]
+    deadline = time.monotonic() + 15
+    while pool.running and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not pool.running
+    assert all(_gone(pid) for pid in pids)
 
 
 PARENT_SCRIPT = textwrap.dedent(
