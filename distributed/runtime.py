@@ -118,12 +118,14 @@ def build_model(spec: dict, device: torch.device):
             loader = importlib.import_module(__package__.rpartition(".")[0] + ".model_loaders.dit")
         except ImportError as exc:
             raise RuntimeError(f"model spec {spec} needs model_loaders/dit.py, which is not available: {exc}") from exc
-        kwargs = {"lora": spec.get("lora"), "precision": spec.get("precision")}
+        kwargs = {"lora": spec.get("lora"), "precision": spec.get("precision"), "config": spec.get("config")}
         params = inspect.signature(loader.load_dit).parameters
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k in params}
         if "device" in params:
             kwargs["device"] = device
         model = loader.load_dit(spec["path"], **kwargs)
+        if isinstance(model, tuple):  # (model, load report)
+            model = model[0]
     else:
         raise ValueError(f"unknown model spec kind {kind!r}")
     if spec.get("dtype"):

@@ -21,7 +21,14 @@ import pytest
 import torch
 
 from liveavatar_pack.distributed import protocol
-from liveavatar_pack.distributed.launcher import PoolOptions, WorkerError, WorkerPool, torchrun_command, worker_env
+from liveavatar_pack.distributed.launcher import (
+    PoolOptions,
+    WorkerError,
+    WorkerPool,
+    model_spec,
+    torchrun_command,
+    worker_env,
+)
 from liveavatar_pack.distributed.runtime import assign_steps
 from liveavatar_pack.distributed.sampler import DistributedSampler
 from liveavatar_pack.liveavatar.config import TINY, SamplerConfig
@@ -114,6 +121,21 @@ def test_channel_messages_carry_tensors_and_plain_data_only():
     torch.save({"type": "job", "obj": NotPlainData()}, buf)
     with pytest.raises(Exception):
         protocol.decode(buf.getvalue())
+
+
+def test_workers_build_the_model_from_a_checkpoint_through_the_loader(tmp_path):
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from liveavatar_pack.distributed.runtime import build_model
+
+    model = tiny_transformer(MODEL_SEED)
+    path = tmp_path / "dit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    spec = model_spec(str(path)) | {"precision": "fp32", "config": dataclasses.asdict(TINY)}
+    built = build_model(spec, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), built.state_dict().values()))
 
 
 def test_pool_reuse_follows_the_model_configuration():
