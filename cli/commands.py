@@ -41,6 +41,9 @@ class Demo:
         p.add_argument("--frames-per-clip", type=int, default=48)
         p.add_argument("--seed", type=int, default=42)
         p.add_argument("--prompt", default="a person talking to the camera")
+        from .workers import add_worker_arguments
+
+        add_worker_arguments(p)
         p.set_defaults(run=self.run)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -129,4 +132,24 @@ class Generate:
         return 0
 
 
-ALL = [Info(), Demo(), Generate(), Plan()]
+class TinyModels:
+    """Tiny random-weight model files in the real formats, in ComfyUI's folder layout, plus example inputs."""
+
+    name = "tiny-models"
+
+    def register(self, sub: argparse._SubParsersAction) -> None:
+        p = sub.add_parser(self.name, help="write tiny random model files (ComfyUI folder layout) for the example workflows",
+                           description=self.__doc__)
+        p.add_argument("--out", required=True, help="folder to fill (diffusion_models/, loras/, vae/, text_encoders/, "
+                                                    "audio_encoders/, input/); e.g. ComfyUI/models")
+        p.set_defaults(run=self.run)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from .tiny_models import write_tiny_models
+
+        for path in write_tiny_models(args.out):
+            print(path)
+        return 0
+
+
+ALL = [Info(), Demo(), Generate(), Plan(), TinyModels()]

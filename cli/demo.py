@@ -36,7 +36,14 @@ def run_demo(args: argparse.Namespace) -> Path:
     text = encode_text(text_encoder, ids, mask)
     cond = Conditioning(text, audio, encode_reference(vae, pixels, cfg), *pixels.shape[1:])
 
-    stream = VideoStream(model, vae, cond, cfg, seed=args.seed, num_clips=args.num_clips or None)
+    block_source = None
+    if args.workers:
+        from .workers import worker_block_source
+
+        spec = {"kind": "tiny", "seed": args.seed, "config": dit_cfg.__dict__}
+        block_source = worker_block_source(args, spec, cfg, cond, args.seed)
+    stream = VideoStream(model, vae, cond, cfg, seed=args.seed, num_clips=args.num_clips or None,
+                         block_source=block_source)
     print(f"demo: {cond.width}x{cond.height}, {stream.num_clips} clips, {stream.total_frames} frames, "
           f"{cfg.steps} steps (tiny random models: expect abstract motion, not a face)")
     with torch.inference_mode():

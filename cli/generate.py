@@ -20,6 +20,7 @@ from ..model_loaders.model_dir import find_model_files
 from ..model_loaders.text_encoder import load_text_encoder
 from ..model_loaders.vae import load_wan_vae
 from .progress import BlockProgress
+from .workers import add_worker_arguments, worker_block_source
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for part in ("dit", "lora", "vae", "text-encoder", "tokenizer", "audio-encoder"):
         p.add_argument(f"--{part}", default=None, help=f"explicit path of the {part.replace('-', ' ')} (overrides --models)")
     p.add_argument("--out", required=True, help="output MP4")
+    add_worker_arguments(p)
 
 
 def _free(*objs) -> None:
@@ -82,10 +84,17 @@ def run_generate(args: argparse.Namespace) -> Path:
     audio_encoder = load_audio_encoder(files.audio_encoder, dtype=dtype, device=device)
     audio = encode_audio(audio_encoder, args.audio)
 
-    model, report = load_dit(files.dit, lora=files.lora, precision=precision, device=device)
-    log(report.summary())
     cond = Conditioning(text, audio, sink, *pixels.shape[1:])
-    stream = VideoStream(model, vae, cond, cfg, seed=args.seed, num_clips=args.num_clips or None)
+    if args.workers:
+        spec = {"kind": "dit", "path": str(files.dit), "lora": str(files.lora), "precision": precision}
+        model, block_source = None, worker_block_source(args, spec, cfg, cond, args.seed)
+        log(f"DiT on {args.workers} workers ({args.mode})")
+    else:
+        model, report = load_dit(files.dit, lora=files.lora, precision=precision, device=device)
+        block_source = None
+        log(report.summary())
+    stream = VideoStream(model, vae, cond, cfg, seed=args.seed, num_clips=args.num_clips or None,
+                         block_source=block_source)
     log(f"generating {stream.num_clips} clips = {stream.total_frames} frames at {cond.width}x{cond.height}, "
         f"{cfg.steps} steps, seed {args.seed} ({waveform.duration:.1f} s of audio)")
     with torch.inference_mode():

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import os
 import queue
 import sys
@@ -114,18 +113,10 @@ def build_model(spec: dict, device: torch.device):
     elif kind == "callable":
         model = _load_callable(spec["target"])(**dict(spec.get("kwargs") or {}))
     elif kind == "dit":
-        try:
-            loader = importlib.import_module(__package__.rpartition(".")[0] + ".model_loaders.dit")
-        except ImportError as exc:
-            raise RuntimeError(f"model spec {spec} needs model_loaders/dit.py, which is not available: {exc}") from exc
-        kwargs = {"lora": spec.get("lora"), "precision": spec.get("precision"), "config": spec.get("config")}
-        params = inspect.signature(loader.load_dit).parameters
-        kwargs = {k: v for k, v in kwargs.items() if v is not None and k in params}
-        if "device" in params:
-            kwargs["device"] = device
-        model = loader.load_dit(spec["path"], **kwargs)
-        if isinstance(model, tuple):  # (model, load report)
-            model = model[0]
+        from ..model_loaders.dit import load_dit
+
+        model, _report = load_dit(spec["path"], lora=spec.get("lora"), precision=spec.get("precision") or "bf16",
+                                  device=device, config=spec.get("config"))
     else:
         raise ValueError(f"unknown model spec kind {kind!r}")
     if spec.get("dtype"):

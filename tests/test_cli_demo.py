@@ -34,3 +34,23 @@ def test_demo_refuses_bad_frames_per_clip(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "multiple of 12" in result.stderr and "Traceback" not in result.stderr
+
+
+def _decoded(path):
+    reader = imageio_ffmpeg.read_frames(str(path))
+    next(reader)  # metadata
+    return b"".join(reader)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_demo_on_two_workers_gives_the_same_video(tmp_path):
+    outs = []
+    for name, extra in (("local.mp4", []), ("workers.mp4", ["--workers", "2", "--mode", "tpp"])):
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "liveavatar", "demo", "--out", str(out), "--size", "128*128", "--seconds", "1.0",
+               "--num-clips", "1", *extra]
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        outs.append(_decoded(out))
+    assert outs[0] == outs[1]
