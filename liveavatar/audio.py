@@ -177,6 +177,24 @@ class AudioFeatures:
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.num_frames = self._count_frames_with_audio()
 
+    @classmethod
+    def from_hidden_states(cls, states: torch.Tensor, config: AudioConfig = DEFAULT_AUDIO,
+                           source: str = "hidden states") -> "AudioFeatures":
+        """Features over wav2vec2 hidden states computed elsewhere, ``[L, T50, D]`` at 50 Hz (e.g.
+        ComfyUI's ``AUDIO_ENCODER_OUTPUT``): the same 30 Hz resampling and per-frame indexing."""
+        if states.dim() != 3 or states.shape[1] < 1:
+            raise ValueError(f"{source}: expected hidden states [layers, frames, dim], got {tuple(states.shape)}")
+        self = cls.__new__(cls)
+        config.validate()
+        self.encoder, self.config, self.source = None, config, source
+        self.num_layers, self.num_50hz, self.dim = (int(n) for n in states.shape)
+        self.duration = self.num_50hz / config.feature_rate
+        self.num_30hz = int(self.num_50hz / float(config.feature_rate) * config.resample_rate)
+        self._window, self._context = self.num_50hz, 0
+        self._cache = OrderedDict({0: states.detach().to("cpu", torch.float32).contiguous()})
+        self.num_frames = self._count_frames_with_audio()
+        return self
+
     # -- public API ---------------------------------------------------------------------------
 
     def num_clips(self, frames_per_clip: int) -> int:

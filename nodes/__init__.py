@@ -1,4 +1,10 @@
-"""Thin ComfyUI V3 nodes over the engine (no math here)."""
+"""Thin ComfyUI V3 nodes over the engine (no math here).
+
+One module per concern: ``loaders`` (model files), ``conditioning`` (audio, reference image,
+text), ``sampling`` (the clip sampler -> streaming latent handle, see ``stream``), ``output``
+(decode to IMAGE/AUDIO, save MP4 -> VIDEO), ``plan`` (VRAM planner). ``runtime`` is the only
+place that talks to ComfyUI's services (folders, devices, model management, progress, interrupt).
+"""
 from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
@@ -6,7 +12,9 @@ from comfy_api.latest import ComfyExtension, io
 
 def all_nodes() -> list[type[io.ComfyNode]]:
     """Every node class the pack registers."""
-    return []
+    from . import conditioning, loaders, output, plan, sampling
+
+    return [*loaders.NODES, *conditioning.NODES, *sampling.NODES, *output.NODES, *plan.NODES]
 
 
 class LiveAvatarExtension(ComfyExtension):

@@ -1,0 +1,151 @@
+"""What the nodes need from ComfyUI, in one place: model files, devices, model management,
+progress and interrupt.
+
+Model management (how our models live beside ComfyUI's): every module we load is wrapped in
+ComfyUI's own ``comfy.model_patcher.ModelPatcher`` (as core's audio encoder and CLIP vision do)
+and ``load_models_gpu([patcher], force_full_load=True)`` is called right before each use. That
+puts it in ComfyUI's list of loaded models, so other nodes that need VRAM can evict it (ComfyUI
+moves it to the offload device) and ComfyUI's "free model memory" button unloads it; our next
+use loads it back. Full loads only: our modules are not built from ``comfy.ops``, so ComfyUI's
+partial (lowvram) loading cannot stream their weights. The one exception is a DiT with a
+placement (block swap, host KV caches, offload between uses): its weights are moved by our
+placement code, which a ModelPatcher would fight, so it is not registered; instead we ask
+ComfyUI to free the VRAM the run needs (``free_memory``) before sampling, and everything a run
+allocates (KV caches, activations) is released when it ends or is interrupted.
+"""
+from __future__ import annotations
+
+import gc
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+
+NONE = "none"
+
+
+def model_files(kind: str) -> list[str]:
+    """File names ComfyUI knows in folder ``kind`` (diffusion_models, loras, vae, ...)."""
+    return list(folder_paths.get_filename_list(kind))
+
+
+def model_path(kind: str, name: str) -> Path:
+    """Full path of ``name`` in folder ``kind``; a clear error naming the folder when absent."""
+    path = folder_paths.get_full_path(kind, name)
+    if path is None or not os.path.exists(path):
+        folders = ", ".join(folder_paths.get_folder_paths(kind))
+        raise ValueError(f"model file {name!r} is not in ComfyUI's {kind} folder(s) ({folders}); "
+                         f"put it there and press R to refresh")
+    return Path(path)
+
+
+def model_dirs(kind: str, marker_files: tuple[str, ...]) -> list[str]:
+    """Sub-folders (one level) of folder ``kind`` that hold one of ``marker_files`` (e.g. a tokenizer)."""
+    found = []
+    for root in folder_paths.get_folder_paths(kind):
+        base = Path(root)
+        if not base.is_dir():
+            continue
+        for sub in sorted(p for p in base.iterdir() if p.is_dir()):
+            if any((sub / m).is_file() for m in marker_files):
+                found.append(sub.name)
+    return sorted(set(found))
+
+
+def model_dir(kind: str, name: str) -> Path:
+    for root in folder_paths.get_folder_paths(kind):
+        path = Path(root) / name
+        if path.is_dir():
+            return path
+    raise ValueError(f"folder {name!r} is not in ComfyUI's {kind} folder(s)")
+
+
+def device() -> torch.device:
+    """The device ComfyUI computes on (the CPU under ``--cpu``)."""
+    return mm.get_torch_device()
+
+
+def offload_device() -> torch.device:
+    return mm.unet_offload_device()
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception when the user pressed Cancel (called between DiT calls)."""
+    mm.throw_exception_if_processing_interrupted()
+
+
+def release_memory() -> None:
+    """Give back what a finished or interrupted run allocated (caches, activations)."""
+    gc.collect()
+    mm.soft_empty_cache()
+
+
+def free_vram(nbytes: int) -> None:
+    """Ask ComfyUI to evict other models until ``nbytes`` are free on the compute device."""
+    dev = device()
+    if dev.type != "cpu":
+        mm.free_memory(nbytes, dev)
+
+
+class Managed:
+    """A module registered with ComfyUI's model management (see the module docstring)."""
+
+    def __init__(self, module: torch.nn.Module, name: str):
+        import comfy.model_patcher
+
+        self.module, self.name = module, name
+        self.patcher = comfy.model_patcher.ModelPatcher(module, load_device=device(), offload_device=offload_device())
+
+    def load(self) -> torch.nn.Module:
+        """Load onto the compute device (evicting others if needed) and return the module."""
+        mm.load_models_gpu([self.patcher], force_full_load=True)
+        return self.module
+
+
+def temp_dir() -> Path:
+    return Path(folder_paths.get_temp_directory())
+
+
+def output_dir() -> Path:
+    return Path(folder_paths.get_output_directory())
+
+
+def save_path(prefix: str, width: int, height: int) -> tuple[Path, str, str]:
+    """(full path of a new ``.mp4``, file name, sub-folder) in ComfyUI's output folder, numbered like core."""
+    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, str(output_dir()), width, height)
+    name = f"{filename}_{counter:05}_.mp4"
+    return Path(folder) / name, name, subfolder
+
+
+class Progress:
+    """ComfyUI's ProgressBar, one step per block, with the block's last frame as preview."""
+
+    def __init__(self, total: int, preview_size: int = 512):
+        self.bar = comfy.utils.ProgressBar(total)
+        self.total, self.preview_size = total, preview_size
+
+    def __call__(self, done: int, frame: torch.Tensor | None = None) -> None:
+        preview = None
+        if frame is not None:
+            from PIL import Image
+
+            preview = ("JPEG", Image.fromarray(frame.cpu().numpy()), self.preview_size)
+        self.bar.update_absolute(done, self.total, preview)
+
+
+@contextmanager
+def run_guard() -> Iterator[None]:
+    """Release memory however a run ends (success, error, interrupt)."""
+    try:
+        yield
+    finally:
+        release_memory()
+
+
+CancelHook = Callable[[], None]

@@ -1,0 +1,220 @@
+"""ComfyUI nodes against the test double (tests/comfy_double): schemas, a whole graph, caching of the
+streaming handle, interrupt, partial files, core CONDITIONING / AUDIO_ENCODER_OUTPUT, bad inputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from media_probe import probe_media
+from node_env import comfy_double, run
+
+SIZE = "704*384"  # the 64x128 example image is only padded to multiples of 64: a quick 64x128 video
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from liveavatar_pack.cli.tiny_models import write_tiny_models
+
+    base = tmp_path_factory.mktemp("comfy")
+    write_tiny_models(base / "models")
+    with comfy_double(base) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def graph(env):
+    """Loaders and conditionings of the example graph, run once."""
+    from liveavatar_pack.cli import tiny_models as tm
+    from liveavatar_pack.nodes import conditioning, loaders
+
+    g = {}
+    g["model"] = run(loaders.ModelLoader, dit_name=tm.DIT_FILES[0], lora_name=tm.LORA_FILE, precision="fp32")[0]
+    g["vae"] = run(loaders.VAELoader, vae_name=tm.VAE_FILE)[0]
+    g["te"] = run(loaders.TextEncoderLoader, text_encoder_name=tm.TEXT_FILE, tokenizer=tm.TOKENIZER_DIR)[0]
+    g["ae"] = run(loaders.AudioEncoderLoader, audio_encoder_name=tm.AUDIO_FILE)[0]
+    img = np.asarray(Image.open(env.base / "models" / "input" / tm.IMAGE_FILE).convert("RGB"), dtype=np.float32) / 255
+    g["image"] = torch.from_numpy(img)[None]
+    t = torch.arange(int(2.2 * 22050)) / 22050  # 2.2 s at 22.05 kHz stereo: 2 clips
+    wave = torch.stack([torch.sin(2 * np.pi * 220 * t), torch.sin(2 * np.pi * 330 * t)]) * 0.3
+    g["audio_in"] = {"waveform": wave[None], "sample_rate": 22050}
+    g["text"] = run(conditioning.TextEncode, prompt="A person speaks", text_encoder=g["te"])[0]
+    g["audio"] = run(conditioning.AudioEncode, audio=g["audio_in"], audio_encoder=g["ae"])[0]
+    g["ref"] = run(conditioning.ReferenceImage, image=g["image"], vae=g["vae"], size=SIZE)[0]
+    return g
+
+
+def sample(graph, **kw):
+    from liveavatar_pack.nodes import sampling
+
+    args = dict(model=graph["model"], text=graph["text"], audio=graph["audio"], reference=graph["ref"], seed=7,
+                num_clips=0, frames_per_clip=48, steps=2)
+    args.update(kw)
+    return run(sampling.ClipSampler, **args)[0]
+
+
+@pytest.fixture
+def dit_calls(graph):
+    """Counts DiT block forwards; ``interrupt_after`` raises ComfyUI's interrupt flag after that many."""
+    from liveavatar_pack.nodes import runtime
+
+    model = graph["model"].model
+    state = {"calls": 0, "interrupt_after": None}
+    original = model.forward_block
+
+    def counting(*args, **kwargs):
+        state["calls"] += 1
+        if state["interrupt_after"] is not None and state["calls"] >= state["interrupt_after"]:
+            runtime.mm.interrupt_current_processing(True)
+        return original(*args, **kwargs)
+
+    model.forward_block = counting
+    yield state
+    del model.forward_block
+    runtime.mm.interrupt_current_processing(False)
+
+
+# ------------------------------------------------------------------------------------ schemas
+def test_every_node_is_prefixed_categorised_and_documented(env):
+    nodes = env.nodes.all_nodes()
+    assert len(nodes) >= 12
+    ids = [n.define_schema().node_id for n in nodes]
+    assert len(set(ids)) == len(ids)
+    for node in nodes:
+        schema = node.define_schema()
+        assert schema.node_id.startswith("LiveAvatar") and schema.category == "LiveAvatar"
+        assert schema.description
+        for inp in schema.inputs:
+            assert inp.tooltip, f"{schema.node_id}.{inp.id} has no tooltip"
+
+
+def test_loaders_list_comfy_folders(env):
+    from liveavatar_pack.nodes import loaders
+
+    def options(node, name):
+        return next(i for i in node.define_schema().inputs if i.id == name).options
+
+    assert "wan2.2_s2v_14B_bf16.safetensors" in options(loaders.ModelLoader, "dit_name")
+    assert "liveavatar.safetensors" in options(loaders.ModelLoader, "lora_name")
+    assert options(loaders.TextEncoderLoader, "tokenizer")[0] == "umt5-xxl"
+
+
+def test_models_are_registered_with_model_management(env, graph):
+    registered = {id(p.model) for p in env.mm.loaded}
+    for module in (graph["vae"].vae.model, graph["te"].model, graph["ae"].model):
+        assert id(module) in registered
+
+
+# ------------------------------------------------------------------------------------ running
+def test_save_streams_an_mp4_with_sound_and_progress(env, graph, dit_calls):
+    from liveavatar_pack.nodes import output
+
+    latents = sample(graph)
+    assert latents.num_clips == 2 and latents.blocks_total == 8
+    env.utils.updates.clear()
+    out = run(output.SaveVideo, vae=graph["vae"], latents=latents, filename_prefix="LiveAvatar/test", crf=23)
+    path = out[0].file
+    assert path.endswith("test_00001_.mp4") and out.ui.values[0]["subfolder"] == "LiveAvatar"
+    streams, audio_secs = probe_media(path)
+    assert ("Video", "h264") in streams and any(k == "Audio" for k, _ in streams)
+    assert audio_secs == pytest.approx(latents.total_frames / 25, abs=0.05)
+    assert dit_calls["calls"] == 8 * 2
+    assert [u[0] for u in env.utils.updates] == list(range(1, 9)) and all(u[2][0] == "JPEG" for u in env.utils.updates)
+
+
+def test_changing_only_the_save_settings_runs_no_dit_call(env, graph, dit_calls):
+    """ComfyUI reuses the cached handle: the second consumer replays the latents from disk."""
+    from liveavatar_pack.nodes import output
+
+    latents = sample(graph, seed=11)
+    first = run(output.SaveVideo, vae=graph["vae"], latents=latents, filename_prefix="a/x", crf=18)[0].file
+    assert dit_calls["calls"] == 16
+    second = run(output.SaveVideo, vae=graph["vae"], latents=latents, filename_prefix="b/y", crf=30)[0].file
+    images, audio = run(output.Decode, vae=graph["vae"], latents=latents)
+    assert dit_calls["calls"] == 16 and latents.runs == 1
+    assert images.shape == (latents.total_frames, latents.height, latents.width, 3)
+    assert audio["waveform"].shape[-1] == round(latents.total_frames / 25 * 22050)
+    assert first != second
+
+
+def test_interrupt_stops_within_one_step_keeps_a_partial_file_and_never_truncates(env, graph, dit_calls):
+    from liveavatar_pack.nodes import output
+
+    latents = sample(graph, seed=3)
+    dit_calls["interrupt_after"] = 7  # mid-block (2 steps a block): 3 blocks done, one step of the 4th
+    with pytest.raises(env.mm.InterruptProcessingException):
+        run(output.SaveVideo, vae=graph["vae"], latents=latents, filename_prefix="int/v", crf=23)
+    assert dit_calls["calls"] == 7  # no DiT call after the interrupt
+    partial = env.base / "output" / "int" / "v_00001_.partial.mp4"
+    streams, audio_secs = probe_media(partial)
+    assert ("Video", "h264") in streams and audio_secs and audio_secs > 0.3
+    assert not (env.base / "output" / "int" / "v_00001_.mp4").exists()
+    assert not latents.complete
+    # the same (cached) handle consumed again: recomputed in full, never a truncated video
+    dit_calls["interrupt_after"] = None
+    images, _ = run(output.Decode, vae=graph["vae"], latents=latents)
+    assert images.shape[0] == latents.total_frames and latents.complete
+    assert dit_calls["calls"] == 7 + 16
+
+
+def test_replayed_frames_equal_the_first_run(env, graph):
+    from liveavatar_pack.nodes import output
+
+    latents = sample(graph, seed=5, num_clips=1)
+    a, _ = run(output.Decode, vae=graph["vae"], latents=latents)
+    b, _ = run(output.Decode, vae=graph["vae"], latents=latents)
+    c, _ = run(output.Decode, vae=graph["vae"], latents=sample(graph, seed=5, num_clips=1))
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------ core types
+def test_core_conditioning_is_trimmed_to_real_tokens(env, graph):
+    from liveavatar_pack.nodes import conditioning
+
+    real = graph["text"].context
+    padded = torch.zeros(1, 512, real.shape[1])
+    padded[0, : real.shape[0]] = real
+    got = run(conditioning.TextEncode, prompt="ignored", conditioning=[[padded, {"pooled_output": None}]])[0]
+    assert torch.equal(got.context, real)
+    masked = run(conditioning.TextEncode, prompt="", conditioning=[[padded, {"attention_mask": torch.ones(1, 3)}]])[0]
+    assert masked.context.shape[0] == 3
+
+
+def test_core_audio_encoder_output_matches_our_path_on_the_same_states(env, graph):
+    """AUDIO_ENCODER_OUTPUT (25 hidden states at 50 Hz) gives exactly our per-frame features."""
+    from liveavatar_pack.nodes import conditioning
+
+    ours = graph["audio"].features
+    states = ours.hidden_50hz(torch.arange(ours.num_50hz))  # [L, T50, D]
+    core = {"encoded_audio_all_layers": tuple(s[None] for s in states), "audio_samples": 0}
+    got = run(conditioning.AudioEncode, audio=graph["audio_in"], audio_encoder_output=core)[0].features
+    assert got.num_frames == ours.num_frames
+    assert torch.equal(got.frames(0, 120), ours.frames(0, 120))
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+def test_bad_inputs_say_what_to_change(env, graph):
+    from liveavatar_pack.nodes import conditioning, loaders, sampling
+
+    with pytest.raises(ValueError, match="batch of 2 images"):
+        run(conditioning.ReferenceImage, image=graph["image"].repeat(2, 1, 1, 1), vae=graph["vae"], size=SIZE)
+    with pytest.raises(ValueError, match="needs an audio_encoder"):
+        run(conditioning.AudioEncode, audio=graph["audio_in"])
+    with pytest.raises(ValueError, match="ComfyUI AUDIO"):
+        run(conditioning.AudioEncode, audio=None, audio_encoder=graph["ae"])
+    wrong = conditioning.TextConditioning(torch.zeros(5, 4096), "core CONDITIONING")
+    with pytest.raises(ValueError, match="width 4096.*expects 32"):
+        sample(graph, text=wrong)
+    with pytest.raises(ValueError, match="multiple of 12"):
+        sample(graph, frames_per_clip=50)
+    with pytest.raises(ValueError, match="expected"):
+        run(loaders.ModelLoader, dit_name="../vae/wan_2.1_vae.safetensors", lora_name="none", precision="bf16")
+    with pytest.raises(ValueError, match="not in ComfyUI's diffusion_models"):
+        run(loaders.ModelLoader, dit_name="missing.safetensors", lora_name="none", precision="bf16")
+
+
+def test_double_does_not_leak(env):
+    import sys
+
+    assert "folder_paths" in sys.modules  # inside the module fixture
