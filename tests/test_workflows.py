@@ -1,0 +1,131 @@
+"""Every example workflow (UI format and its API twin) checked against the node schemas: node types
+exist, links connect matching types, widget values are valid, and the twins describe the same graph."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from node_env import comfy_double
+
+WORKFLOWS = Path(__file__).resolve().parent.parent / "example_workflows"
+UI_FILES = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
+
+# Core ComfyUI nodes the examples use: (sockets [(name, type)], widgets [(name, kind, options)], outputs)
+CORE = {
+    "LoadImage": ([], [("image", "COMBO", "input")], ["IMAGE", "MASK"]),
+    "LoadAudio": ([], [("audio", "COMBO", "input")], ["AUDIO"]),
+    "CLIPLoader": ([], [("clip_name", "COMBO", "text_encoders"), ("type", "COMBO", ["wan"])], ["CLIP"]),
+    "CLIPTextEncode": ([("clip", "CLIP")], [("text", "STRING", None)], ["CONDITIONING"]),
+    "AudioEncoderLoader": ([], [("audio_encoder_name", "COMBO", "audio_encoders")], ["AUDIO_ENCODER"]),
+    "AudioEncoderEncode": ([("audio_encoder", "AUDIO_ENCODER"), ("audio", "AUDIO")], [], ["AUDIO_ENCODER_OUTPUT"]),
+}
+UI_ONLY_TRAILING = {"LoadImage": 1, "LoadAudio": 2}  # upload widgets the frontend stores after the real ones
+
+
+@pytest.fixture(scope="module")
+def schemas(tmp_path_factory):
+    from liveavatar_pack.cli.tiny_models import write_tiny_models
+
+    base = tmp_path_factory.mktemp("comfy")
+    write_tiny_models(base / "models")
+    with comfy_double(base) as env:
+        table = {}
+        for node in env.nodes.all_nodes():
+            s = node.define_schema()
+            sockets = [(i.id, i.io_type) for i in s.inputs if not i.widget]
+            widgets = [i for i in s.inputs if i.widget]
+            table[s.node_id] = (sockets, widgets, [o.io_type for o in s.outputs], s)
+        inputs = sorted(p.name for p in (base / "models" / "input").iterdir())
+        files = {k: env.folder_paths.get_filename_list(k) for k in ("text_encoders", "audio_encoders")}
+        yield table, inputs, files
+
+
+def _check_widget(node_type: str, widget, value, inputs, files) -> None:
+    if isinstance(widget, tuple):  # core table entry
+        name, kind, options = widget
+        if kind == "COMBO":
+            allowed = inputs if options == "input" else files[options] if isinstance(options, str) else options
+            assert value in allowed, f"{node_type}.{name}: {value!r} not in {allowed}"
+        else:
+            assert isinstance(value, str)
+        return
+    name, kind = widget.id, widget.io_type
+    if kind == "COMBO":
+        assert value in widget.options, f"{node_type}.{name}: {value!r} not in {widget.options}"
+    elif kind == "INT":
+        assert isinstance(value, int) and not isinstance(value, bool), f"{node_type}.{name}: {value!r} is not an int"
+        assert widget.min is None or value >= widget.min, f"{node_type}.{name}: {value} < {widget.min}"
+        assert widget.max is None or value <= widget.max, f"{node_type}.{name}: {value} > {widget.max}"
+        if widget.step and widget.min is not None:
+            assert (value - widget.min) % widget.step == 0, f"{node_type}.{name}: {value} off the step {widget.step}"
+    elif kind == "BOOLEAN":
+        assert isinstance(value, bool)
+    elif kind == "STRING":
+        assert isinstance(value, str)
+
+
+def _signature(table, node_type):
+    if node_type in table:
+        sockets, widgets, outputs, _ = table[node_type]
+        return sockets, widgets, outputs
+    assert node_type in CORE, f"unknown node type {node_type}"
+    return CORE[node_type]
+
+
+def test_there_are_the_three_examples():
+    names = {p.stem for p in UI_FILES}
+    assert {"liveavatar_single_gpu", "liveavatar_24gb_low_vram", "liveavatar_core_loaders"} <= names
+    for p in UI_FILES:
+        assert (WORKFLOWS / f"{p.stem}_api.json").is_file(), f"{p.name} has no API twin"
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_workflow_matches_schemas(path, schemas):
+    table, inputs, files = schemas
+    wf = json.loads(path.read_text())
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    for link_id, src, src_slot, dst, dst_slot, typ in wf["links"]:
+        _, _, outputs = _signature(table, nodes[src]["type"])
+        sockets, _, _ = _signature(table, nodes[dst]["type"])
+        assert outputs[src_slot] == typ, f"link {link_id}: {nodes[src]['type']} output {src_slot} is {outputs[src_slot]}, not {typ}"
+        dst_input = nodes[dst]["inputs"][dst_slot]
+        expected = dict(sockets)[dst_input["name"]]
+        assert expected == typ, f"link {link_id}: {nodes[dst]['type']}.{dst_input['name']} takes {expected}, not {typ}"
+        assert dst_input["link"] == link_id
+    for node in wf["nodes"]:
+        sockets, widgets, _ = _signature(table, node["type"])
+        required = {n for n, _ in sockets} - _optional(table, node["type"])
+        linked = {i["name"] for i in node["inputs"] if i["link"] is not None}
+        assert required <= linked, f"{node['type']} (id {node['id']}): unconnected {sorted(required - linked)}"
+        values = list(node["widgets_values"])
+        for widget in widgets:
+            _check_widget(node["type"], widget, values.pop(0), inputs, files)
+            if not isinstance(widget, tuple) and widget.id == "seed":  # control_after_generate's own value
+                assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
+        assert len(values) == UI_ONLY_TRAILING.get(node["type"], 0), f"{node['type']}: extra widget values {values}"
+
+
+def _optional(table, node_type) -> set[str]:
+    if node_type in table:
+        return {i.id for i in table[node_type][3].inputs if i.optional}
+    return set()
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_api_twin_is_the_same_graph(path, schemas):
+    table, inputs, files = schemas
+    ui = json.loads(path.read_text())
+    api = json.loads((WORKFLOWS / f"{path.stem}_api.json").read_text())
+    nodes = {str(n["id"]): n for n in ui["nodes"]}
+    assert set(api) == set(nodes)
+    for link_id, src, src_slot, dst, dst_slot, typ in ui["links"]:
+        name = nodes[str(dst)]["inputs"][dst_slot]["name"]
+        assert api[str(dst)]["inputs"][name] == [str(src), src_slot]
+    for nid, node in api.items():
+        assert node["class_type"] == nodes[nid]["type"]
+        _, widgets, _ = _signature(table, node["class_type"])
+        for widget in widgets:
+            name = widget[0] if isinstance(widget, tuple) else widget.id
+            _check_widget(node["class_type"], widget, node["inputs"][name], inputs, files)
