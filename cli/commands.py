@@ -152,4 +152,32 @@ class TinyModels:
         return 0
 
 
-ALL = [Info(), Demo(), Generate(), Plan(), TinyModels()]
+from .agent import WorkerAgent  # noqa: E402
+
+class RunWorkflow:
+    """Post an API-format workflow to a running ComfyUI, follow it to the end, download its outputs."""
+
+    name = "run-workflow"
+
+    def register(self, sub: argparse._SubParsersAction) -> None:
+        p = sub.add_parser(self.name, help="run an API-format workflow on a ComfyUI server and download the video",
+                           description=self.__doc__)
+        p.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI address (default loopback :8188)")
+        p.add_argument("--workflow", required=True, help="API-format workflow JSON, e.g. example_workflows/x_api.json")
+        p.add_argument("--out", default=".", help="folder for the downloaded outputs")
+        p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the prompt")
+        p.set_defaults(run=self.run)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from .run_workflow import WorkflowError, load_api_workflow, run_workflow
+
+        try:
+            files = run_workflow(args.server, load_api_workflow(args.workflow), Path(args.out), timeout=args.timeout)
+        except WorkflowError as err:
+            raise UserError(str(err)) from err
+        return 0 if files else 1
+
+
+ALL = [Info(), Demo(), Generate(), Plan(), TinyModels(), WorkerAgent(), RunWorkflow()]
