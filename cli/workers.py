@@ -17,6 +17,15 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["tpp", "sp"], default="tpp",
                    help="tpp: denoising steps pipelined over the workers; sp: attention heads split (24 GB cards)")
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids for the workers (default: the first N)")
+    p.add_argument("--nnodes", type=int, default=1,
+                   help="machines in the pool; the others run `python -m liveavatar worker-agent` (README)")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="with --nnodes > 1: this machine's address and a free port, where the agents join")
+    p.add_argument("--channel-host", default="127.0.0.1",
+                   help="address the job channel listens on; other machines need this machine's LAN address "
+                        "or 0.0.0.0 (trusted networks only)")
+    p.add_argument("--nccl-p2p-disable", action="store_true",
+                   help="NCCL_P2P_DISABLE=1 on every rank (consumer cards without working peer-to-peer)")
 
 
 def worker_block_source(args: argparse.Namespace, model: dict, cfg: SamplerConfig, cond: Conditioning,
@@ -26,6 +35,12 @@ def worker_block_source(args: argparse.Namespace, model: dict, cfg: SamplerConfi
     from ..distributed.sampler import DistributedSampler
 
     gpus = tuple(int(g) for g in args.gpus.split(",")) if args.gpus else None
+    nnodes = getattr(args, "nnodes", 1)
+    channel_host = getattr(args, "channel_host", "127.0.0.1")
+    tcp = nnodes > 1 or channel_host not in ("127.0.0.1", "localhost", "::1")
     opts = PoolOptions(model=model, workers=args.workers, mode=args.mode, gpus=gpus,
-                       threads=max(1, torch.get_num_threads() // max(1, args.workers)))
+                       threads=max(1, torch.get_num_threads() // max(1, args.workers)),
+                       nnodes=nnodes, rdzv_endpoint=getattr(args, "rdzv_endpoint", None),
+                       channel="tcp" if tcp else "unix", channel_host=channel_host,
+                       nccl_p2p_disable=getattr(args, "nccl_p2p_disable", False))
     return DistributedSampler(opts, cfg, cond.text, cond.audio, cond.sink, seed).blocks

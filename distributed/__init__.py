@@ -3,6 +3,7 @@
 ``launcher``   WorkerPool / PoolOptions / shared_pool: warm torchrun workers + job channel
 ``sampler``    DistributedSampler: StreamingSampler's interface over a pool
 ``worker``     the file torchrun runs (bootstraps the pack under its fixed name)
+``agent``      the other machines of a multi-machine pool (``python -m liveavatar worker-agent``)
 ``runtime``    what a rank does: model build, tpp and sp rank loops
 ``sharding``   sp pieces: heads split across ranks (attention_backend), FSDP2 weight shards
 ``protocol``   length-prefixed, pickle-free channel messages

@@ -9,6 +9,15 @@ across jobs, restarts when its options change (``reconfigure``) or after a failu
 shut down by ``close()``, at interpreter exit, after ``idle_timeout_s`` without jobs, and -
 from the workers' side - when this process dies (channel EOF / parent PID poll).
 
+Several machines (``nnodes > 1``): this process is the head. Its torchrun joins a c10d
+rendezvous at ``rdzv_endpoint`` (an address of this machine the others reach) and hosts
+the rendezvous store; the other machines run ``python -m liveavatar worker-agent`` (see
+``distributed/agent.py``), whose torchrun joins the same rendezvous. The job channel stays
+here: it is TCP, listening on ``channel_host`` (loopback unless you expose it), and the
+head's local rank 0 publishes its address and token in torchrun's store, where the other
+machines' ranks read them (they have no parent PID to watch; they stop on channel EOF,
+TCP keepalive included). The parent only signals processes on its own machine.
+
 ``pool.run(job, check_cancel)`` streams the job's block messages; ``DistributedSampler``
 (``distributed/sampler.py``) wraps it in the engine's sampler interface.
 """
@@ -42,6 +51,9 @@ SCRUBBED_ENV = (
     "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
 )
 LOG_TAIL = 3000
+RDZV_ID = "liveavatar"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WILDCARD = ("0.0.0.0", "::", "")
 
 
 class WorkerError(RuntimeError):
@@ -84,8 +96,13 @@ class PoolOptions:
     start_timeout_s: float = 300.0
     idle_timeout_s: float | None = None  # close an idle pool after this long
     channel: str = "unix"  # "unix" (0700 directory) or "tcp" (loopback + token)
-    nccl_p2p_disable: bool = False  # NCCL_P2P_DISABLE=1, for some consumer cards
-    env: tuple[tuple[str, str], ...] = field(default=())  # extra environment for the workers
+    nccl_p2p_disable: bool = False  # NCCL_P2P_DISABLE=1 on every rank (agents' included), for some consumer cards
+    env: tuple[tuple[str, str], ...] = field(default=())  # extra environment for this machine's workers
+    # several machines: this process is the head; the others run ``python -m liveavatar worker-agent``
+    nnodes: int = 1  # machines taking part (``workers`` is this machine's share)
+    rdzv_endpoint: str | None = None  # "HOST:PORT" of the c10d rendezvous, an address of THIS machine; None: loopback
+    rdzv_id: str = RDZV_ID  # the agents pass the same --rdzv-id
+    channel_host: str = "127.0.0.1"  # where the tcp channel listens; other machines need e.g. "0.0.0.0" (see README)
 
     def __post_init__(self):
         if self.mode not in ("tpp", "sp"):
@@ -94,12 +111,39 @@ class PoolOptions:
             raise ValueError("workers must be >= 1")
         if self.channel not in ("unix", "tcp"):
             raise ValueError(f"channel must be 'unix' or 'tcp', got {self.channel!r}")
+        if self.nnodes < 1:
+            raise ValueError("nnodes must be >= 1")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("a pool over several machines needs rdzv_endpoint='HOST:PORT' (an address of this machine)")
+        if self.rdzv_endpoint:
+            split_endpoint(self.rdzv_endpoint)
+        if self.nnodes > 1 and self.channel != "tcp":
+            raise ValueError("a pool over several machines needs channel='tcp' (other machines cannot reach a unix socket)")
+        if self.channel_host not in LOOPBACK and self.channel != "tcp":
+            raise ValueError("channel_host applies to the tcp channel; set channel='tcp'")
 
     def key(self) -> str:
         raw = dataclasses.asdict(self)
         raw["model"] = model_spec(self.model)
         raw.pop("idle_timeout_s")
         return json.dumps(raw, sort_keys=True, default=str)
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` or ``"[v6]:PORT"`` -> (host, port)."""
+    host, sep, port = endpoint.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"rendezvous endpoint must look like HOST:PORT, got {endpoint!r}")
+    return host, int(port)
+
+
+def channel_address(options: PoolOptions, port: int) -> str:
+    """The channel address the ranks dial: ``channel_host``, or for a wildcard the rendezvous host."""
+    host = options.channel_host
+    if host in WILDCARD:
+        host = split_endpoint(options.rdzv_endpoint)[0] if options.rdzv_endpoint else "127.0.0.1"
+    return f"tcp:{host}:{port}"
 
 
 def free_port() -> int:
@@ -144,23 +188,35 @@ def worker_env(options: PoolOptions, channel: str, token: str, base: dict | None
             "PYTHONUNBUFFERED": "1",
         }
     )
-    if options.nccl_p2p_disable:
-        env["NCCL_P2P_DISABLE"] = "1"
+    env.update(nccl_env(options))
     env.update(dict(options.env))
     return env, backend
 
 
-def torchrun_command(workers: int, port: int, entry: Path = WORKER_ENTRY) -> list[str]:
-    return [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "1",
-        "--nproc-per-node", str(workers),
-        "--master-addr", "127.0.0.1",
-        "--master-port", str(port),
-        "--max-restarts", "0",
-        "--monitor-interval", "0.2",
-        str(entry),
-    ]
+def nccl_env(options: PoolOptions) -> dict[str, str]:
+    """NCCL settings every rank applies before joining the process group (sent to agents in ``init``)."""
+    return {"NCCL_P2P_DISABLE": "1"} if options.nccl_p2p_disable else {}
+
+
+def torchrun_command(workers: int, port: int | None = None, entry: Path = WORKER_ENTRY, *, nnodes: int = 1,
+                     rdzv_endpoint: str | None = None, rdzv_id: str = RDZV_ID, host_store: bool = True,
+                     join_timeout_s: float | None = None) -> list[str]:
+    """torchrun's argument list: loopback static rendezvous on one machine, else c10d at ``rdzv_endpoint``.
+
+    ``host_store``: this agent hosts the rendezvous store (the head); agents on other machines pass False.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(workers)]
+    if rdzv_endpoint is None:
+        if nnodes != 1 or port is None:
+            raise ValueError("several machines need a rendezvous endpoint; one machine needs a port")
+        cmd += ["--master-addr", "127.0.0.1", "--master-port", str(port)]
+    else:
+        split_endpoint(rdzv_endpoint)
+        conf = f"is_host={int(host_store)}"
+        if join_timeout_s:
+            conf += f",join_timeout={max(1, int(join_timeout_s))}"
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id, "--rdzv-conf", conf]
+    return cmd + ["--max-restarts", "0", "--monitor-interval", "0.2", str(entry)]
 
 
 _POOLS: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
@@ -180,6 +236,9 @@ class WorkerPool:
         self.last_stats: dict[int, dict] = {}
         self.ready_info: dict[int, dict] = {}
         self.worker_pids: dict[int, int] = {}
+        self.worker_hosts: dict[int, str] = {}
+        self.remote_ranks: set[int] = set()  # ranks on other machines (their pids are not ours to signal)
+        self.world = options.workers * options.nnodes  # every rank's hello confirms it
         self.starts = 0
         self._proc: subprocess.Popen | None = None
         self._dir: str | None = None
@@ -236,26 +295,35 @@ class WorkerPool:
             os.chmod(path, 0o600)
             address = f"unix:{path}"
         else:
-            self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self._listener.bind(("127.0.0.1", 0))
-            address = f"tcp:127.0.0.1:{self._listener.getsockname()[1]}"
-        self._listener.listen(opts.workers)
+            family = socket.AF_INET6 if ":" in opts.channel_host else socket.AF_INET
+            self._listener = socket.socket(family, socket.SOCK_STREAM)
+            self._listener.bind((opts.channel_host, 0))
+            address = channel_address(opts, self._listener.getsockname()[1])
+        self._listener.listen(64)
         self._listener.settimeout(0.2)
         token = secrets.token_hex(16)
         env, backend = worker_env(opts, address, token)
         self._log = open(os.path.join(self._dir, "torchrun.log"), "wb")
         self._events = queue.Queue()
+        self.world = opts.workers * opts.nnodes
+        self.remote_ranks, self.worker_hosts = set(), {}
+        multi = opts.nnodes > 1 or opts.rdzv_endpoint is not None
+        command = torchrun_command(
+            opts.workers, None if multi else free_port(), nnodes=opts.nnodes,
+            rdzv_endpoint=opts.rdzv_endpoint if multi else None, rdzv_id=opts.rdzv_id, host_store=True,
+            join_timeout_s=opts.start_timeout_s,
+        )
         self._proc = subprocess.Popen(
-            torchrun_command(opts.workers, free_port()),
-            env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            command, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so teardown reaches every worker
         )
         self.starts += 1
         deadline = time.monotonic() + opts.start_timeout_s
-        while len(self._conns) < opts.workers:
+        while len(self._conns) < self.world:
             self._check_agent()
             if time.monotonic() > deadline:
-                raise WorkerError(f"workers did not connect within {opts.start_timeout_s} s{self._log_tail()}")
+                raise WorkerError(f"{len(self._conns)} of {self.world} workers connected within {opts.start_timeout_s} s"
+                                  f"{self._waiting_hint()}{self._log_tail()}")
             try:
                 sock, _ = self._listener.accept()
             except socket.timeout:
@@ -271,17 +339,22 @@ class WorkerPool:
                 conn.close()
                 continue
             sock.settimeout(None)
+            protocol.keepalive(sock)
             rank = int(hello["rank"])
+            self.world = int(hello.get("world", self.world))
             self._conns[rank] = conn
             self.worker_pids[rank] = int(hello["pid"])
+            self.worker_hosts[rank] = str(hello.get("host", ""))
+            if not hello.get("head", True):
+                self.remote_ranks.add(rank)
             threading.Thread(target=_reader, args=(rank, conn, self._events), daemon=True).start()
         init = {
             "type": "init", "model": model_spec(opts.model), "mode": opts.mode, "backend": backend,
-            "threads": opts.threads, "collective_timeout_s": opts.collective_timeout_s,
+            "threads": opts.threads, "collective_timeout_s": opts.collective_timeout_s, "env": nccl_env(opts),
         }
         self._send_all(init)
         ready: dict[int, dict] = {}
-        while len(ready) < opts.workers:
+        while len(ready) < self.world:
             rank, msg = self._next(deadline - time.monotonic(), "starting")
             if msg is not None and msg["type"] == "ready":
                 ready[rank] = msg
@@ -313,7 +386,9 @@ class WorkerPool:
                     proc.wait(timeout=wait)
                 except subprocess.TimeoutExpired:
                     pass
-        for pid in self.worker_pids.values():  # in case one left the group
+        for rank, pid in self.worker_pids.items():  # in case one left the group (never another machine's)
+            if rank in self.remote_ranks:
+                continue
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -345,6 +420,14 @@ class WorkerPool:
         except OSError:
             return ""
         return f"\n--- torchrun log (tail) ---\n{text}" if text.strip() else ""
+
+    def _waiting_hint(self) -> str:
+        opts = self.options
+        if opts.nnodes <= 1:
+            return ""
+        return (f"; {opts.nnodes - 1} other machine(s) must run `python -m liveavatar worker-agent --rdzv-endpoint "
+                f"{opts.rdzv_endpoint} --nnodes {opts.nnodes} --rdzv-id {opts.rdzv_id} --nproc-per-node K`, and reach "
+                f"this machine's channel (channel_host={opts.channel_host!r}; loopback only serves this machine)")
 
     def _check_agent(self) -> None:
         if self._proc is not None and self._proc.poll() is not None:
@@ -384,7 +467,8 @@ class WorkerPool:
             raise WorkerError(f"rank {err['rank']} failed while {doing}{also}", int(err["rank"]), err["traceback"])
         rank = dead[0]
         pid = self.worker_pids.get(rank)
-        raise WorkerError(f"rank {rank} (pid {pid}) died while {doing} without a report{self._log_tail()}", rank)
+        where = f" on {self.worker_hosts[rank]}" if rank in self.remote_ranks and self.worker_hosts.get(rank) else ""
+        raise WorkerError(f"rank {rank} (pid {pid}{where}) died while {doing} without a report{self._log_tail()}", rank)
 
     # ------------------------------------------------------------------ jobs
     def run(self, job: dict, check_cancel: Callable[[], None] | None = None, poll_s: float = 0.05) -> Iterator[dict]:
@@ -405,7 +489,7 @@ class WorkerPool:
             finished = False
             try:
                 self._send_all({**job, "type": "job", "job": job_id})
-                while len(done) < self.options.workers:
+                while len(done) < self.world:
                     if interrupt is None and check_cancel is not None:
                         try:
                             check_cancel()
@@ -441,11 +525,11 @@ class WorkerPool:
         try:
             self._send_all({"type": "cancel", "job": job_id})
             deadline = time.monotonic() + self.options.collective_timeout_s
-            while len(done) < self.options.workers and time.monotonic() < deadline:
+            while len(done) < self.world and time.monotonic() < deadline:
                 rank, msg = self._next(0.1, "stopping")
                 if msg is not None and msg.get("job") == job_id and msg["type"] == "done":
                     done[rank] = msg["stats"]
-            if len(done) < self.options.workers:
+            if len(done) < self.world:
                 self._teardown()
             self.last_stats = done
         except Exception:

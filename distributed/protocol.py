@@ -1,7 +1,7 @@
 """The job channel between the launcher (parent) and its torchrun workers.
 
-One stream socket per rank (a unix socket in a fresh 0700 directory, or loopback TCP),
-carrying length-prefixed messages. A message is a dict of plain data (str, int, float,
+One stream socket per rank (a unix socket in a fresh 0700 directory, or TCP: loopback, or
+for a pool over several machines the address the head exposes deliberately), carrying length-prefixed messages. A message is a dict of plain data (str, int, float,
 bool, None, lists, tuples, dicts) and tensors, serialised with ``torch.save`` and read
 back with ``torch.load(weights_only=True)``: no pickle of arbitrary objects crosses the
 channel in either direction. Every connection starts with a ``hello`` carrying a random
@@ -24,7 +24,7 @@ import torch
 HEADER = struct.Struct("!Q")
 MAX_MESSAGE = 1 << 40
 
-ENV_CHANNEL = "LIVEAVATAR_CHANNEL"  # "unix:<path>" or "tcp:127.0.0.1:<port>"
+ENV_CHANNEL = "LIVEAVATAR_CHANNEL"  # "unix:<path>" or "tcp:<host>:<port>"
 ENV_TOKEN = "LIVEAVATAR_CHANNEL_TOKEN"
 ENV_PARENT_PID = "LIVEAVATAR_PARENT_PID"
 
@@ -83,21 +83,38 @@ class Connection:
         self.sock.close()
 
 
-def connect(address: str, timeout: float = 30.0) -> Connection:
-    """Connect to ``unix:<path>`` or ``tcp:<host>:<port>`` (loopback only)."""
+def keepalive(sock: socket.socket, idle_s: int = 30, interval_s: int = 10, count: int = 3) -> None:
+    """TCP keepalive, so a rank notices a head machine that vanished (and vice versa) within minutes."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", idle_s), ("TCP_KEEPINTVL", interval_s), ("TCP_KEEPCNT", count)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def connect(address: str, timeout: float = 30.0, remote: bool = False) -> Connection:
+    """Connect to ``unix:<path>`` or ``tcp:<host>:<port>``.
+
+    TCP stays on loopback unless ``remote``: a rank on another machine, which read the head's
+    address from torchrun's rendezvous store (the head exposed it deliberately).
+    """
     kind, _, rest = address.partition(":")
     if kind == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         target: object = rest
     elif kind == "tcp":
         host, _, port = rest.rpartition(":")
-        if host not in ("127.0.0.1", "localhost", "::1"):
+        host = host.strip("[]")
+        if host not in ("127.0.0.1", "localhost", "::1") and not remote:
             raise ValueError(f"the job channel stays on loopback, got {host}")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         target = (host, int(port))
     else:
         raise ValueError(f"unknown channel address {address!r}")
     sock.settimeout(timeout)
     sock.connect(target)
     sock.settimeout(None)
+    keepalive(sock)
     return Connection(sock)

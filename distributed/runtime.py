@@ -17,13 +17,19 @@ of the weights (FSDP2, resharded after each unit's forward). Rank 0 streams the 
 a one-element broadcast from rank 0 before every block agrees on a cancel.
 
 The math is the engine's (``StepWorker``/``StreamingSampler``); nothing here changes it.
+
+Ranks on the head machine find the job channel in their environment; ranks started by a
+``worker-agent`` on another machine read its address and token from torchrun's store
+(``MASTER_ADDR:MASTER_PORT``), where the head's local rank 0 published them.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import queue
+import socket
 import sys
 import threading
 import time
@@ -364,18 +370,48 @@ MODES = {"tpp": TPPRank, "sp": SPRank}
 
 
 # ----------------------------------------------------------------------------- main loop
+CHANNEL_KEY = "liveavatar/channel"
+STORE_WAIT_S = float(os.environ.get("LIVEAVATAR_STORE_WAIT_S", "300"))
+
+
+def _store():
+    """A client of torchrun's store (the one ``init_process_group`` would use)."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=STORE_WAIT_S))
+
+
+def channel_endpoint() -> tuple[str, str, bool]:
+    """(channel address, token, on the head machine).
+
+    Head ranks have both in their environment; the head's local rank 0 publishes them in
+    torchrun's store when other machines take part, and their ranks read them from there.
+    """
+    key = f"{CHANNEL_KEY}/{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+    address = os.environ.get(protocol.ENV_CHANNEL)
+    if address:
+        token = os.environ.get(protocol.ENV_TOKEN, "")
+        if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            _store().set(key, json.dumps({"channel": address, "token": token}))
+        return address, token, True
+    found = json.loads(_store().get(key).decode())
+    return found["channel"], found["token"], False
+
+
 def serve() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    conn = protocol.connect(os.environ[protocol.ENV_CHANNEL])
-    conn.send({"type": "hello", "rank": rank, "pid": os.getpid(), "token": os.environ.get(protocol.ENV_TOKEN, "")})
-    parent = os.environ.get(protocol.ENV_PARENT_PID)
+    address, token, head = channel_endpoint()
+    conn = protocol.connect(address, remote=not head)
+    conn.send({"type": "hello", "rank": rank, "pid": os.getpid(), "token": token, "world": world, "head": head,
+               "host": socket.gethostname(), "node": int(os.environ.get("GROUP_RANK", "0"))})
+    parent = os.environ.get(protocol.ENV_PARENT_PID) if head else None  # another machine's PID means nothing here
     inbox = Inbox(conn, int(parent) if parent else None)
     try:
         init = inbox.get()
         if init["type"] != "init":
             raise RuntimeError(f"expected init, got {init['type']}")
         torch.set_num_threads(int(init.get("threads") or 1))
+        os.environ.update({str(k): str(v) for k, v in (init.get("env") or {}).items()})  # NCCL advice, on every machine
         backend = init["backend"]
         if backend == "nccl":
             device = torch.device("cuda", local_rank)

@@ -21,10 +21,13 @@ import pytest
 import torch
 
 from liveavatar_pack.distributed import protocol
+from liveavatar_pack.distributed.agent import AgentOptions, agent_command, agent_env
 from liveavatar_pack.distributed.launcher import (
     PoolOptions,
     WorkerError,
     WorkerPool,
+    channel_address,
+    free_port,
     model_spec,
     torchrun_command,
     worker_env,
@@ -84,6 +87,13 @@ def faulty_model(seed: int, rank: int, after: int):
     return model
 
 
+def nccl_advised_model(seed: int):
+    """The tiny DiT, built only where the head's NCCL advice reached the rank's environment."""
+    if os.environ.get("NCCL_P2P_DISABLE") != "1":
+        raise RuntimeError(f"rank {os.environ.get('RANK')}: NCCL_P2P_DISABLE did not reach this rank")
+    return tiny_transformer(seed)
+
+
 # ----------------------------------------------------------------------------- no processes
 class NotPlainData:
     """An arbitrary object: the channel must refuse to unpickle it."""
@@ -110,6 +120,35 @@ def test_launch_command_and_environment():
     assert env["PATH"] == "/bin" and env[protocol.ENV_PARENT_PID] == str(os.getpid())
     env, backend = worker_env(PoolOptions(workers=2, gpus=(1, 3), nccl_p2p_disable=True), "unix:/x", "tok", {"CUDA_VISIBLE_DEVICES": "4,5,6,7"})
     assert backend == "nccl" and env["CUDA_VISIBLE_DEVICES"] == "5,7" and env["NCCL_P2P_DISABLE"] == "1"
+
+
+def test_several_machines_join_a_c10d_rendezvous_hosted_by_the_head():
+    head = torchrun_command(2, nnodes=3, rdzv_endpoint="10.0.0.5:29400", rdzv_id="job", join_timeout_s=120)
+    assert head[head.index("--nnodes") + 1] == "3" and "--master-addr" not in head
+    assert head[head.index("--rdzv-backend") + 1] == "c10d" and head[head.index("--rdzv-endpoint") + 1] == "10.0.0.5:29400"
+    assert head[head.index("--rdzv-id") + 1] == "job" and head[head.index("--rdzv-conf") + 1] == "is_host=1,join_timeout=120"
+    opts = AgentOptions(rdzv_endpoint="10.0.0.5:29400", nnodes=3, nproc_per_node=2, rdzv_id="job", gpus=(2, 3))
+    cmd = agent_command(opts)
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "2" and cmd[cmd.index("--rdzv-conf") + 1].startswith("is_host=0")
+    assert cmd[-1].endswith("distributed/worker.py") and all(isinstance(a, str) for a in cmd)
+    base = {"RANK": "0", "MASTER_ADDR": "x", protocol.ENV_TOKEN: "stale", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    env = agent_env(AgentOptions(rdzv_endpoint="h:1", nnodes=2, nproc_per_node=2, gpus=(1, 3), nccl_p2p_disable=True), base)
+    assert env["CUDA_VISIBLE_DEVICES"] == "5,7" and env["NCCL_P2P_DISABLE"] == "1"
+    assert not {"RANK", "MASTER_ADDR", protocol.ENV_TOKEN} & set(env)
+    assert agent_env(AgentOptions(rdzv_endpoint="h:1", nnodes=2, cpu=True), base)["CUDA_VISIBLE_DEVICES"] == ""
+    # the head's channel: loopback unless exposed; a wildcard is dialled at the rendezvous host
+    multi = dict(nnodes=2, rdzv_endpoint="10.0.0.5:29400", channel="tcp")
+    assert channel_address(PoolOptions(**multi), 5000) == "tcp:127.0.0.1:5000"
+    assert channel_address(PoolOptions(**multi, channel_host="0.0.0.0"), 5000) == "tcp:10.0.0.5:5000"
+    assert channel_address(PoolOptions(**multi, channel_host="192.168.1.2"), 5000) == "tcp:192.168.1.2:5000"
+    with pytest.raises(ValueError, match="rdzv_endpoint"):
+        PoolOptions(nnodes=2, channel="tcp")
+    with pytest.raises(ValueError, match="tcp"):
+        PoolOptions(nnodes=2, rdzv_endpoint="10.0.0.5:29400")
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        AgentOptions(rdzv_endpoint="10.0.0.5", nnodes=2)
+    with pytest.raises(ValueError, match="loopback"):
+        protocol.connect("tcp:10.0.0.5:1")  # only a rank told by torchrun's store dials another machine
 
 
 def test_channel_messages_carry_tensors_and_plain_data_only():
@@ -325,3 +364,50 @@ def test_killed_parent_leaves_no_worker(tmp_path):
     for pid in left:  # do not leave them behind even when failing
         os.kill(pid, signal.SIGKILL)
     assert not left
+
+
+@pytest.mark.distributed
+def test_two_machines_on_loopback_give_the_single_process_result(reference):
+    """A head pool (nnodes=2, one worker) and a `worker-agent` process (one worker) as the second machine."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "liveavatar", "worker-agent", "--rdzv-endpoint", endpoint, "--nnodes", "2",
+         "--nproc-per-node", "1", "--cpu"],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    spec = {"kind": "callable", "target": f"{Path(__file__).resolve()}:nccl_advised_model", "kwargs": {"seed": MODEL_SEED}}
+    opts = PoolOptions(model=spec, workers=1, nnodes=2, rdzv_endpoint=endpoint, channel="tcp", nccl_p2p_disable=True,
+                       collective_timeout_s=60, start_timeout_s=120)
+    seen: set[int] = {agent.pid}
+
+    def note(pool):
+        seen.update([pool.agent_pid, *pool.worker_pids.values()])
+        seen.update(p.pid for p in psutil.Process(agent.pid).children(recursive=True))
+
+    try:
+        with WorkerPool(opts) as pool:
+            note(pool)
+            assert pool.world == 2 and len(pool.remote_ranks) == 1  # one rank came through the agent
+            out, stats = distributed(pool, 2)
+            assert all(torch.equal(a, b) for a, b in zip(out, reference))
+            assert {r: s["steps"] for r, s in stats.items()} == {0: [0, 1], 1: [2, 3]}
+            # the pool released (GPUs freed, idle timeout): the agent rejoins the head's next one
+            pool.close()
+            pool.start()
+            note(pool)
+            out, _ = distributed(pool, 2)
+            assert all(torch.equal(a, b) for a, b in zip(out, reference))
+            assert pool.starts == 2
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        log = agent.communicate()[0] if agent.stdout else ""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not all(_gone(pid) for pid in seen):
+        time.sleep(0.2)
+    left = [pid for pid in seen if not _gone(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, log[-3000:]
