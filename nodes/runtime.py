@@ -100,7 +100,11 @@ class Managed:
         import comfy.model_patcher
 
         self.module, self.name = module, name
-        self.patcher = comfy.model_patcher.ModelPatcher(module, load_device=device(), offload_device=offload_device())
+        # ModelPatcher writes ``.device`` (and bookkeeping attributes) on what it manages; our modules
+        # have a read-only ``device`` property, so it manages a plain container holding the module.
+        holder = torch.nn.Module()
+        holder.inner = module
+        self.patcher = comfy.model_patcher.ModelPatcher(holder, load_device=device(), offload_device=offload_device())
 
     def load(self) -> torch.nn.Module:
         """Load onto the compute device (evicting others if needed) and return the module."""

@@ -101,7 +101,7 @@ def test_loaders_list_comfy_folders(env):
 
 
 def test_models_are_registered_with_model_management(env, graph):
-    registered = {id(p.model) for p in env.mm.loaded}
+    registered = {id(p.model.inner) for p in env.mm.loaded}
     for module in (graph["vae"].vae.model, graph["te"].model, graph["ae"].model):
         assert id(module) in registered
 
