@@ -121,3 +121,24 @@ def test_bad_inputs_are_refused_up_front(models, inputs, tmp_path, bad):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert {"image": "not_image.png", "audio": "empty.wav", "prompt": "tokens long"}[bad] in result.stderr
     assert not (tmp_path / "x.mp4").exists() and not (tmp_path / "x.partial.mp4").exists()
+
+
+@pytest.mark.slow
+def test_generate_from_tiny_models_in_comfyui_layout(tmp_path):
+    """``tiny-models`` writes ComfyUI's folder layout in the real formats; ``generate`` finds and runs it."""
+    models = tmp_path / "models"
+    made = subprocess.run([sys.executable, "-m", "liveavatar", "tiny-models", "--out", str(models)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-2000:]
+    files = find_model_files(models)
+    assert not files.missing(), files
+    assert files.dit.parent.name == "diffusion_models" and files.vae.parent.name == "vae"
+    out = tmp_path / "tiny.mp4"
+    cmd = [sys.executable, "-m", "liveavatar", "generate", "--models", str(models),
+           "--image", str(models / "input" / "liveavatar_example.png"),
+           "--audio", str(models / "input" / "liveavatar_example.wav"), "--size", "128*128", "--out", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    frames, _ = imageio_ffmpeg.count_frames_and_secs(str(out))
+    streams, audio_secs = probe_media(out)
+    assert frames % 12 == 9 and ("Audio", "aac") in streams and audio_secs > 1.0
