@@ -102,17 +102,34 @@ class _Store:
         return self.values.nbytes + (0 if self.scale is None else self.scale.nbytes)
 
 
-class KVCache:
-    """Keys (roped at write time) and values of the last ``capacity`` tokens of one step."""
+class _LayeredKV:
+    """Key and value stores of every layer, [layers, H, capacity, D], with an optional read hook."""
 
     def __init__(self, num_layers: int, capacity: int, num_heads: int, head_dim: int, storage: CacheStorage):
         self.storage = storage
         self.capacity = capacity
-        heads = storage.head_count(num_heads)
-        shape = (num_layers, heads, capacity, head_dim)
+        shape = (num_layers, storage.head_count(num_heads), capacity, head_dim)
         self.k_store, self.v_store = _Store(shape, storage), _Store(shape, storage)
         self.k, self.v = self.k_store.values, self.v_store.values
         self.reader = storage.read_hook(self) if storage.read_hook is not None else None
+
+    def _write(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k_store.write(layer, slot, k[0])
+        self.v_store.write(layer, slot, v[0])
+        if self.reader is not None:
+            self.reader.wrote(layer, slot, k, v)
+
+    def _read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.reader is not None:
+            return self.reader.read(layer, length)
+        return self.k_store.read(layer, length), self.v_store.read(layer, length)
+
+    def nbytes(self) -> int:
+        return self.k_store.nbytes() + self.v_store.nbytes()
+
+
+class KVCache(_LayeredKV):
+    """Keys (roped at write time) and values of the last ``capacity`` tokens of one step."""
 
     def slot(self, start: int) -> int:
         """Write position of absolute token ``start``: the history rolls over one capacity."""
@@ -128,49 +145,27 @@ class KVCache:
         n = k.shape[2]
         if s + n > self.capacity:
             raise ValueError(f"block of {n} tokens at slot {s} overflows a cache of {self.capacity}")
-        self.k_store.write(layer, s, k[0])
-        self.v_store.write(layer, s, v[0])
-        if self.reader is not None:
-            self.reader.wrote(layer, s, k, v)
+        self._write(layer, s, k, v)
 
     def read(self, layer: int, active: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [1, H, active, D] ready for attention."""
-        if self.reader is not None:
-            return self.reader.read(layer, active)
-        return self.k_store.read(layer, active), self.v_store.read(layer, active)
-
-    def nbytes(self) -> int:
-        return self.k_store.nbytes() + self.v_store.nbytes()
+        return self._read(layer, active)
 
 
-class CondCache:
+class CondCache(_LayeredKV):
     """Unroped keys and values of the sink tokens, per layer (re-roped at every block call)."""
 
     def __init__(self, num_layers: int, capacity: int, num_heads: int, head_dim: int, storage: CacheStorage):
-        self.storage = storage
-        self.capacity = capacity
-        heads = storage.head_count(num_heads)
-        shape = (num_layers, heads, capacity, head_dim)
-        self.k_store, self.v_store = _Store(shape, storage), _Store(shape, storage)
-        self.k, self.v = self.k_store.values, self.v_store.values
+        super().__init__(num_layers, capacity, num_heads, head_dim, storage)
         self.length = 0
-        self.reader = storage.read_hook(self) if storage.read_hook is not None else None
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Overwrite the store with k, v [1, H, C, D] (a prefill replaces, never appends)."""
         n = k.shape[2]
         if n > self.capacity:
             raise ValueError(f"{n} sink tokens exceed the cond cache of {self.capacity}")
-        self.k_store.write(layer, 0, k[0])
-        self.v_store.write(layer, 0, v[0])
+        self._write(layer, 0, k, v)
         self.length = n
-        if self.reader is not None:
-            self.reader.wrote(layer, 0, k, v)
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.reader is not None:
-            return self.reader.read(layer, self.length)
-        return self.k_store.read(layer, self.length), self.v_store.read(layer, self.length)
-
-    def nbytes(self) -> int:
-        return self.k_store.nbytes() + self.v_store.nbytes()
+        return self._read(layer, self.length)
