@@ -102,39 +102,11 @@ def write_lora(folder: Path, seed: int = 1, rank: int = 4) -> Path:
     return _save({k: v.to(torch.bfloat16) if v.dim() else v for k, v in sd.items()}, folder / LORA_FILE)
 
 
-def _wan_vae_key_names() -> list[str]:
-    """Wan 2.1 VAE key names (standard layout), written from the module structure."""
-    res = ["residual.0.gamma", "residual.2.weight", "residual.2.bias", "residual.3.gamma",
-           "residual.6.weight", "residual.6.bias"]
-    names = ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"]
-    for side in ("encoder", "decoder"):
-        names += [f"{side}.conv1.weight", f"{side}.conv1.bias", f"{side}.head.0.gamma",
-                  f"{side}.head.2.weight", f"{side}.head.2.bias"]
-        for m in (0, 2):
-            names += [f"{side}.middle.{m}.{r}" for r in res]
-        names += [f"{side}.middle.1.{n}" for n in ("norm.gamma", "to_qkv.weight", "to_qkv.bias", "proj.weight", "proj.bias")]
-    for i in (0, 1, 3, 4, 6, 7, 9, 10):
-        names += [f"encoder.downsamples.{i}.{r}" for r in res]
-    names += [f"encoder.downsamples.{i}.shortcut.{p}" for i in (3, 6) for p in ("weight", "bias")]
-    names += [f"encoder.downsamples.{i}.resample.1.{p}" for i in (2, 5, 8) for p in ("weight", "bias")]
-    names += [f"encoder.downsamples.{i}.time_conv.{p}" for i in (5, 8) for p in ("weight", "bias")]
-    for i in (0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14):
-        names += [f"decoder.upsamples.{i}.{r}" for r in res]
-    names += [f"decoder.upsamples.{i}.shortcut.{p}" for i in (4,) for p in ("weight", "bias")]
-    names += [f"decoder.upsamples.{i}.resample.1.{p}" for i in (3, 7, 11) for p in ("weight", "bias")]
-    names += [f"decoder.upsamples.{i}.time_conv.{p}" for i in (3, 7) for p in ("weight", "bias")]
-    return names
-
-
 def write_vae(folder: Path, seed: int = 1) -> Path:
-    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
-
     from ..liveavatar.tiny import tiny_vae
+    from ..model_loaders.vae import to_wan_state_dict
 
-    vae = tiny_vae(seed=seed)
-    to_wan = convert_wan_vae_to_diffusers({k: k for k in _wan_vae_key_names()})  # diffusers name -> Wan name
-    sd = {to_wan[k]: v.float() for k, v in vae.model.state_dict().items()}
-    return _save(sd, folder / VAE_FILE)
+    return _save(to_wan_state_dict(tiny_vae(seed=seed).model), folder / VAE_FILE)
 
 
 def write_text_encoder(folder: Path, seed: int = 3) -> Path:

@@ -26,7 +26,8 @@ import torch
 
 from ..liveavatar.vae import WanVAE
 
-__all__ = ["load_wan_vae", "load_vae_state_dict", "infer_wan_vae_config", "build_wan_vae"]
+__all__ = ["load_wan_vae", "load_vae_state_dict", "infer_wan_vae_config", "build_wan_vae", "wan_vae_key_names",
+           "to_wan_state_dict"]
 
 _EXPECTED = "a Wan 2.1 VAE (Wan2.1_VAE.pth / wan_2.1_vae.safetensors: keys such as encoder.conv1.weight, conv1.weight, conv2.weight, decoder.head.2.weight)"
 _WAN_KEYS = ("encoder.conv1.weight", "conv1.weight", "conv2.weight", "decoder.conv1.weight", "decoder.head.2.weight")
@@ -274,3 +275,35 @@ def _load_diffusers_dir(path: Path, device, dtype) -> WanVAE:
     kwargs = {} if dtype is None else {"torch_dtype": dtype}
     model = AutoencoderKLWan.from_pretrained(str(path), **kwargs)
     return WanVAE(model.to(device=device))
+
+
+def wan_vae_key_names() -> list[str]:
+    """Wan 2.1 VAE key names (standard layout), written from the module structure."""
+    res = ["residual.0.gamma", "residual.2.weight", "residual.2.bias", "residual.3.gamma",
+           "residual.6.weight", "residual.6.bias"]
+    names = ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"]
+    for side in ("encoder", "decoder"):
+        names += [f"{side}.conv1.weight", f"{side}.conv1.bias", f"{side}.head.0.gamma",
+                  f"{side}.head.2.weight", f"{side}.head.2.bias"]
+        for m in (0, 2):
+            names += [f"{side}.middle.{m}.{r}" for r in res]
+        names += [f"{side}.middle.1.{n}" for n in ("norm.gamma", "to_qkv.weight", "to_qkv.bias", "proj.weight", "proj.bias")]
+    for i in (0, 1, 3, 4, 6, 7, 9, 10):
+        names += [f"encoder.downsamples.{i}.{r}" for r in res]
+    names += [f"encoder.downsamples.{i}.shortcut.{p}" for i in (3, 6) for p in ("weight", "bias")]
+    names += [f"encoder.downsamples.{i}.resample.1.{p}" for i in (2, 5, 8) for p in ("weight", "bias")]
+    names += [f"encoder.downsamples.{i}.time_conv.{p}" for i in (5, 8) for p in ("weight", "bias")]
+    for i in (0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14):
+        names += [f"decoder.upsamples.{i}.{r}" for r in res]
+    names += [f"decoder.upsamples.{i}.shortcut.{p}" for i in (4,) for p in ("weight", "bias")]
+    names += [f"decoder.upsamples.{i}.resample.1.{p}" for i in (3, 7, 11) for p in ("weight", "bias")]
+    names += [f"decoder.upsamples.{i}.time_conv.{p}" for i in (3, 7) for p in ("weight", "bias")]
+    return names
+
+
+def to_wan_state_dict(model) -> dict[str, torch.Tensor]:
+    """A diffusers ``AutoencoderKLWan``'s float32 state dict under Wan's own key names (the .pth layout)."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    to_wan = convert_wan_vae_to_diffusers({k: k for k in wan_vae_key_names()})  # diffusers name -> Wan name
+    return {to_wan[k]: v.float().contiguous() for k, v in model.state_dict().items()}

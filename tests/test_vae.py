@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from liveavatar_pack.liveavatar.config import SamplerConfig
 from liveavatar_pack.liveavatar.vae import BlockDecoder, StreamingDecoder, WanVAE, to_uint8
-from liveavatar_pack.model_loaders.vae import build_wan_vae, infer_wan_vae_config, load_wan_vae
+from liveavatar_pack.model_loaders.vae import build_wan_vae, infer_wan_vae_config, load_wan_vae, wan_vae_key_names
 
 
 def _tol(golden: torch.Tensor) -> float:
@@ -120,7 +120,7 @@ def test_wan_key_names_match_golden_file(golden_dir):
     from conftest import golden_subdir
 
     d = golden_subdir(golden_dir, "vae")
-    assert sorted(load_file(str(d / "vae.safetensors"))) == sorted(_wan_key_names())
+    assert sorted(load_file(str(d / "vae.safetensors"))) == sorted(wan_vae_key_names())
 
 
 def test_full_size_vae_layout_is_recognised():
@@ -128,7 +128,7 @@ def test_full_size_vae_layout_is_recognised():
     from diffusers import AutoencoderKLWan
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    to_wan = convert_wan_vae_to_diffusers({k: k for k in _wan_key_names()})
+    to_wan = convert_wan_vae_to_diffusers({k: k for k in wan_vae_key_names()})
     with torch.device("meta"):
         ref = AutoencoderKLWan(base_dim=96).state_dict()
     sd = {to_wan[dk]: torch.empty(t.shape, device="meta", dtype=torch.bfloat16) for dk, t in ref.items()}
@@ -282,7 +282,7 @@ def test_wrong_shapes_are_reported(tmp_path):
     # A Wan-layout dict for a small standard-layout model: invert the converter on key names.
 
     model = AutoencoderKLWan(base_dim=4)
-    names = _wan_key_names()
+    names = wan_vae_key_names()
     to_diffusers = convert_wan_vae_to_diffusers({k: k for k in names})
     inv = to_diffusers  # diffusers name -> Wan name
     sd = {inv[k]: v.clone() for k, v in model.state_dict().items()}
@@ -294,27 +294,3 @@ def test_wrong_shapes_are_reported(tmp_path):
         load_wan_vae(path)
 
 
-def _wan_key_names() -> list[str]:
-    """Wan 2.1 VAE key names for the standard layout, written from the module structure."""
-    res = ["residual.0.gamma", "residual.2.weight", "residual.2.bias", "residual.3.gamma",
-           "residual.6.weight", "residual.6.bias"]
-    names = ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"]
-    for side in ("encoder", "decoder"):
-        names += [f"{side}.conv1.weight", f"{side}.conv1.bias", f"{side}.head.0.gamma",
-                  f"{side}.head.2.weight", f"{side}.head.2.bias"]
-        for m in (0, 2):
-            names += [f"{side}.middle.{m}.{r}" for r in res]
-        names += [f"{side}.middle.1.{n}" for n in ("norm.gamma", "to_qkv.weight", "to_qkv.bias",
-                                                   "proj.weight", "proj.bias")]
-    enc_res = [0, 1, 3, 4, 6, 7, 9, 10]
-    for i in enc_res:
-        names += [f"encoder.downsamples.{i}.{r}" for r in res]
-    names += [f"encoder.downsamples.{i}.shortcut.{p}" for i in (3, 6) for p in ("weight", "bias")]
-    names += [f"encoder.downsamples.{i}.resample.1.{p}" for i in (2, 5, 8) for p in ("weight", "bias")]
-    names += [f"encoder.downsamples.{i}.time_conv.{p}" for i in (5, 8) for p in ("weight", "bias")]
-    for i in (0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14):
-        names += [f"decoder.upsamples.{i}.{r}" for r in res]
-    names += [f"decoder.upsamples.{i}.shortcut.{p}" for i in (4,) for p in ("weight", "bias")]
-    names += [f"decoder.upsamples.{i}.resample.1.{p}" for i in (3, 7, 11) for p in ("weight", "bias")]
-    names += [f"decoder.upsamples.{i}.time_conv.{p}" for i in (3, 7) for p in ("weight", "bias")]
-    return names
