@@ -3,6 +3,7 @@ exist, links connect matching types, widget values are valid, and the twins desc
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,7 @@ def test_there_are_the_three_examples():
 def test_ui_workflow_matches_schemas(path, schemas):
     table, inputs, files = schemas
     wf = json.loads(path.read_text())
+    uuid.UUID(wf["id"])  # ComfyUI's frontend refuses a workflow id that is not a UUID (zod schema alert)
     nodes = {n["id"]: n for n in wf["nodes"]}
     for link_id, src, src_slot, dst, dst_slot, typ in wf["links"]:
         _, _, outputs = _signature(table, nodes[src]["type"])
