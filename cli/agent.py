@@ -28,6 +28,9 @@ class WorkerAgent:
         p.add_argument("--nccl-p2p-disable", action="store_true",
                        help="NCCL_P2P_DISABLE=1 here (consumer cards without working peer-to-peer); "
                             "the head's pool option sets it on every rank as well")
+        p.add_argument("--models", action="append", default=[], metavar="DIR",
+                       help="this machine's model folder (ComfyUI models/ layout: DIR/diffusion_models, DIR/loras), "
+                            "used when the head's file paths do not exist here; repeatable")
         p.add_argument("--once", action="store_true", help="serve one pool, then exit")
         p.set_defaults(run=self.run)
 
@@ -37,5 +40,5 @@ class WorkerAgent:
         gpus = tuple(int(g) for g in args.gpus.split(",") if g.strip()) if args.gpus else None
         opts = AgentOptions(rdzv_endpoint=args.rdzv_endpoint, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
                             rdzv_id=args.rdzv_id, gpus=gpus, cpu=args.cpu, nccl_p2p_disable=args.nccl_p2p_disable,
-                            once=args.once)
+                            model_dirs=tuple(args.models), once=args.once)
         return Agent(opts, log=lambda m: print(m, flush=True)).serve()

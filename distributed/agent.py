@@ -24,6 +24,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from . import protocol
@@ -42,6 +43,7 @@ class AgentOptions:
     cpu: bool = False  # hide the GPUs (gloo pools, tests)
     nccl_p2p_disable: bool = False  # also sent by the head when its pool has the option
     threads: int = 1  # OMP_NUM_THREADS until the head's init sets torch's threads
+    model_dirs: tuple[str, ...] = ()  # where this machine keeps the head's model files (ComfyUI models/ layout)
     join_timeout_s: float = 600.0  # wait for the head's pool this long per attempt
     once: bool = False
     retry_s: float = 2.0
@@ -73,6 +75,8 @@ def agent_env(opts: AgentOptions, base: dict | None = None) -> dict:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[g] if ids else str(g) for g in chosen)
     if opts.nccl_p2p_disable:
         env["NCCL_P2P_DISABLE"] = "1"
+    if opts.model_dirs:
+        env[protocol.ENV_MODEL_DIRS] = os.pathsep.join(str(Path(d).resolve()) for d in opts.model_dirs)
     env.setdefault("OMP_NUM_THREADS", str(opts.threads))
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -250,9 +250,15 @@ class WorkerPool:
         self._jobs = 0
         self._busy = False
         self._last_used = time.monotonic()
+        self._idle_watcher: threading.Thread | None = None
         _POOLS.add(self)
-        if options.idle_timeout_s:
-            threading.Thread(target=_idle_watch, args=(weakref.ref(self),), daemon=True).start()
+        self._watch_idle()
+
+    def _watch_idle(self) -> None:
+        """An idle timeout may also arrive later, through ``reconfigure`` (e.g. a node's setting)."""
+        if self.options.idle_timeout_s and (self._idle_watcher is None or not self._idle_watcher.is_alive()):
+            self._idle_watcher = threading.Thread(target=_idle_watch, args=(weakref.ref(self),), daemon=True)
+            self._idle_watcher.start()
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -268,9 +274,11 @@ class WorkerPool:
         with self._lock:
             if options.key() == self.options.key():
                 self.options = options
+                self._watch_idle()
                 return False
             self.close()
             self.options = options
+            self._watch_idle()
             return True
 
     def start(self) -> "WorkerPool":

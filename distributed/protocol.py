@@ -27,6 +27,7 @@ MAX_MESSAGE = 1 << 40
 ENV_CHANNEL = "LIVEAVATAR_CHANNEL"  # "unix:<path>" or "tcp:<host>:<port>"
 ENV_TOKEN = "LIVEAVATAR_CHANNEL_TOKEN"
 ENV_PARENT_PID = "LIVEAVATAR_PARENT_PID"
+ENV_MODEL_DIRS = "LIVEAVATAR_MODEL_DIRS"  # an agent's --models folders (os.pathsep-separated)
 
 
 class ChannelClosed(ConnectionError):

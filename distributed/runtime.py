@@ -107,6 +107,22 @@ def _load_callable(target: str):
     return getattr(module, attr)
 
 
+def local_file(path: str | None, name: str | None, folder: str) -> str | None:
+    """The file on this machine: ``path`` when it exists (one machine, or the same layout everywhere),
+    else ``name`` (its name in ComfyUI's ``folder``) under an agent's ``--models`` folders."""
+    if path is None or os.path.exists(path):
+        return path
+    name = name or Path(path).name
+    roots = [r for r in os.environ.get(protocol.ENV_MODEL_DIRS, "").split(os.pathsep) if r]
+    for root in roots:
+        for candidate in (Path(root, folder, name), Path(root, name), Path(root, folder, Path(name).name)):
+            if candidate.is_file() or candidate.is_dir():
+                return str(candidate)
+    raise FileNotFoundError(
+        f"{path} is not on this machine ({socket.gethostname()}): put the same file at that path, or start the "
+        f"agent with --models DIR where DIR/{folder}/{name} exists (searched: {roots or 'no --models given'})")
+
+
 def build_model(spec: dict, device: torch.device):
     """The DiT described by a model spec (see ``launcher.model_spec``), on ``device``."""
     kind = spec["kind"]
@@ -121,7 +137,9 @@ def build_model(spec: dict, device: torch.device):
     elif kind == "dit":
         from ..model_loaders.dit import load_dit
 
-        model, _report = load_dit(spec["path"], lora=spec.get("lora"), precision=spec.get("precision") or "bf16",
+        path = local_file(spec["path"], spec.get("name"), "diffusion_models")
+        lora = local_file(spec.get("lora"), spec.get("lora_name"), "loras")
+        model, _report = load_dit(path, lora=lora, precision=spec.get("precision") or "bf16",
                                   device=device, config=spec.get("config"))
     else:
         raise ValueError(f"unknown model spec kind {kind!r}")
