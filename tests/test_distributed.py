@@ -151,6 +151,21 @@ def test_several_machines_join_a_c10d_rendezvous_hosted_by_the_head():
         protocol.connect("tcp:10.0.0.5:1")  # only a rank told by torchrun's store dials another machine
 
 
+def test_an_agent_finds_the_heads_model_files_in_its_own_models_folder(tmp_path, monkeypatch):
+    from liveavatar_pack.distributed.runtime import local_file
+
+    here = tmp_path / "agent_models" / "diffusion_models" / "wan" / "dit.safetensors"
+    here.parent.mkdir(parents=True)
+    here.write_bytes(b"x")
+    assert local_file(str(here), "wan/dit.safetensors", "diffusion_models") == str(here)  # same path everywhere
+    head_path = "/head/ComfyUI/models/diffusion_models/wan/dit.safetensors"
+    monkeypatch.setenv(protocol.ENV_MODEL_DIRS, str(tmp_path / "agent_models"))
+    assert local_file(head_path, "wan/dit.safetensors", "diffusion_models") == str(here)
+    assert local_file(None, None, "loras") is None
+    with pytest.raises(FileNotFoundError, match="--models"):
+        local_file("/head/ComfyUI/models/loras/l.safetensors", "l.safetensors", "loras")
+
+
 def test_channel_messages_carry_tensors_and_plain_data_only():
     msg = {"type": "job", "x": torch.arange(3), "cfg": {"steps": 4, "range": (4, 30)}, "none": None}
     back = protocol.decode(protocol.encode(msg))
