@@ -50,8 +50,10 @@ class CacheStorage:
         return t.to(device=self.device, dtype=self.dtype, non_blocking=True)
 
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
-        t = torch.zeros(shape, device=self.device, dtype=dtype or self.dtype)
-        return t.pin_memory() if self.pin_memory else t
+        # Page-locked memory is allocated as such: pinning a finished tensor would copy it, and a
+        # host cache of many GB would briefly need twice its size.
+        t = torch.empty(shape, device=self.device, dtype=dtype or self.dtype, pin_memory=self.pin_memory)
+        return t.zero_()
 
     def allocate_scale(self, shape: tuple[int, ...]) -> torch.Tensor | None:
         """Scales [..., tokens, 1] beside values [..., tokens, D] (None when unscaled)."""
