@@ -32,7 +32,6 @@ class DiTConfig:
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6
     zip_frame_buckets: tuple[int, int, int] = (1, 2, 16)  # newest, 2x, 4x motion buckets
-    rope_max_positions: int = 45000
 
     @property
     def head_dim(self) -> int:

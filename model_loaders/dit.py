@@ -14,7 +14,6 @@ one injector per layer; anything else needs a config).
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import sys
@@ -402,10 +401,3 @@ def _read_f32(ckpt: Checkpoint, raw: str, file_fp8: bool, device: torch.device, 
     if file_fp8:
         w.mul_(ckpt.fp8_scale(raw).to(device))
     return w
-
-
-def save_config(cfg: DiTConfig, path: str | os.PathLike) -> None:
-    """Write ``cfg`` as a config.json ``DiTConfig.from_json`` reads back."""
-    import dataclasses
-
-    Path(path).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))

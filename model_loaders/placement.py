@@ -462,16 +462,6 @@ class PlacedModel:
             read_hook=_PrefetchHook(self.device, self.log) if host and cfg.prefetch else None,
         )
 
-    def weight_bytes_on_device(self) -> int:
-        """Bytes of weights currently placed on the device (the CPU 'device' counts too)."""
-        total = 0
-        for t in self.base.get():
-            total += t.nbytes if t.device == self.device else 0
-        if self.swapper is not None:
-            for k in self.swapper.refs:
-                total += self.swapper.slots[k].nbytes()
-        return total
-
     def remove(self) -> nn.Module:
         """Undo the hooks; weights stay where they are (swapped blocks on the host)."""
         if self.swapper is not None:
