@@ -34,8 +34,11 @@ def test_lora_merge_matches_sha256(dit_dir, model):
         if hashlib.sha256(state[k].float().contiguous().numpy().tobytes()).hexdigest() != digest
     ]
     assert not mismatched, f"sha256 differs for {mismatched[:5]}"
-    changed = [k for k, v in checks["changed"].items()] if isinstance(checks["changed"], dict) else checks["changed"]
+    changed = set(checks["changed"])  # a dict (or list) of the weights the LoRA changed
     assert len(changed) == checks["num_changed"]
+    base = load_file(dit_dir / "dit_base.safetensors")
+    ours = {k for k in state if not torch.equal(state[k], base[k])}
+    assert ours == changed, f"merge changed {sorted(ours ^ changed)[:5]} differently from the golden merge"
     for name, golden in load_file(dit_dir / "lora_merged_samples.safetensors").items():
         assert_close(state[name], golden, name, rel=1e-6)
 
