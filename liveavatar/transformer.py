@@ -335,6 +335,7 @@ class LiveAvatarTransformer(nn.Module):
         m = self.time_projection(e).float().unflatten(1, (6, self.cfg.dim))
         return e.float(), m
 
+    @torch.no_grad()
     def embed_text(self, context: torch.Tensor) -> TextContext:
         """context [L, text_dim] (L <= text_len) -> per-layer cross-attention keys/values.
 

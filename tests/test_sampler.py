@@ -154,3 +154,10 @@ def test_step_workers_with_own_caches_equal_sampler(model):
             first = x if first is None else first
             out.append(x)
     assert len(out) == len(ref) and all(torch.equal(a, b) for a, b in zip(ref, out))
+
+
+def test_text_context_holds_no_autograd_graph(model):
+    """The per-layer text k/v live for a whole video: they must not keep activations for backward."""
+    assert any(p.requires_grad for p in model.parameters())
+    text = model.embed_text(torch.randn(7, TINY.text_dim))
+    assert all(not k.requires_grad and not v.requires_grad for k, v in text.kv)
