@@ -158,6 +158,44 @@ def test_interrupt_stops_within_one_step_keeps_a_partial_file_and_never_truncate
     assert dit_calls["calls"] == 7 + 16
 
 
+class ClosingBackend:
+    """Wraps a block backend and records when its generator is closed (the sampler stopped, its caches freed)."""
+
+    def __init__(self, inner):
+        self.inner, self.closed = inner, []
+
+    def blocks(self, *args):
+        try:
+            yield from self.inner.blocks(*args)
+        finally:
+            self.closed.append(True)
+
+
+def test_interrupt_in_the_progress_hook_stops_the_sampler_before_the_node_returns(env, graph, dit_calls, monkeypatch):
+    """ComfyUI's progress hook raises the interrupt inside the node's own loop (after a block is decoded): the
+    suspended sampler must be closed then, not when the exception's traceback is collected."""
+    from liveavatar_pack.liveavatar import vae as vae_module
+    from liveavatar_pack.nodes import output
+
+    decode, decoded = vae_module.BlockDecoder.decode_block, []
+
+    def pressing_cancel_while_decoding(self, latents):
+        decoded.append(True)
+        if len(decoded) == 2:
+            env.mm.interrupt_current_processing(True)
+        return decode(self, latents)
+
+    monkeypatch.setattr(vae_module.BlockDecoder, "decode_block", pressing_cancel_while_decoding)
+    latents = sample(graph, seed=13)
+    latents.backend = backend = ClosingBackend(latents.backend)
+    with pytest.raises(env.mm.InterruptProcessingException) as err:
+        run(output.SaveVideo, vae=graph["vae"], latents=latents, filename_prefix="hook/v", crf=23)
+    assert err.value is not None  # the traceback is alive here, as in ComfyUI's execution error report
+    assert backend.closed == [True]
+    assert dit_calls["calls"] == 2 * 2  # two blocks of 2 steps, none after the interrupt
+    assert not latents.complete
+
+
 def test_replayed_frames_equal_the_first_run(env, graph):
     from liveavatar_pack.nodes import output
 
