@@ -28,6 +28,9 @@ ENV_CHANNEL = "LIVEAVATAR_CHANNEL"  # "unix:<path>" or "tcp:<host>:<port>"
 ENV_TOKEN = "LIVEAVATAR_CHANNEL_TOKEN"
 ENV_PARENT_PID = "LIVEAVATAR_PARENT_PID"
 ENV_MODEL_DIRS = "LIVEAVATAR_MODEL_DIRS"  # an agent's --models folders (os.pathsep-separated)
+# "1" on another machine: its ranks may run the head's ``callable`` model specs (code named by the channel)
+ENV_ALLOW_CALLABLE = "LIVEAVATAR_ALLOW_CALLABLE_MODELS"
+ADVISED_ENV = {"NCCL_P2P_DISABLE": ("0", "1")}  # the environment an ``init`` may set on a rank, and its values
 
 
 class ChannelClosed(ConnectionError):

@@ -123,9 +123,18 @@ def local_file(path: str | None, name: str | None, folder: str) -> str | None:
         f"agent with --models DIR where DIR/{folder}/{name} exists (searched: {roots or 'no --models given'})")
 
 
-def build_model(spec: dict, device: torch.device):
-    """The DiT described by a model spec (see ``launcher.model_spec``), on ``device``."""
+def build_model(spec: dict, device: torch.device, allow_callable: bool = True):
+    """The DiT described by a model spec (see ``launcher.model_spec``), on ``device``.
+
+    ``allow_callable``: a ``callable`` spec imports and runs the module or file it names. A rank on the
+    head machine got its spec from the parent that started it; a rank on another machine got it from
+    whoever published a channel in torchrun's unauthenticated store, so it refuses unless that
+    machine opted in (``LIVEAVATAR_ALLOW_CALLABLE_MODELS=1``, for tests and development).
+    """
     kind = spec["kind"]
+    if kind == "callable" and not allow_callable:
+        raise PermissionError(f"this rank does not run callable model specs ({spec.get('target')!r}) from another "
+                              f"machine; set {protocol.ENV_ALLOW_CALLABLE}=1 on this machine's agent to allow them")
     if kind == "tiny":
         from ..liveavatar.config import TINY
         from ..liveavatar.tiny import tiny_transformer
@@ -146,6 +155,17 @@ def build_model(spec: dict, device: torch.device):
     if spec.get("dtype"):
         model.cast(DTYPES[spec["dtype"]])
     return model.to(device).eval()
+
+
+def advised_env(env: dict) -> dict[str, str]:
+    """The environment an ``init`` sets on a rank: only the known NCCL advice (a rank on another machine
+    must not take e.g. a compiler or plugin path from the channel)."""
+    out = {}
+    for key, value in env.items():
+        if str(value) not in protocol.ADVISED_ENV.get(str(key), ()):
+            raise PermissionError(f"init may not set {key}={value!r} on a rank (allowed: {protocol.ADVISED_ENV})")
+        out[str(key)] = str(value)
+    return out
 
 
 # ----------------------------------------------------------------------------- channel
@@ -429,7 +449,7 @@ def serve() -> None:
         if init["type"] != "init":
             raise RuntimeError(f"expected init, got {init['type']}")
         torch.set_num_threads(int(init.get("threads") or 1))
-        os.environ.update({str(k): str(v) for k, v in (init.get("env") or {}).items()})  # NCCL advice, on every machine
+        os.environ.update(advised_env(init.get("env") or {}))  # NCCL advice, on every machine
         backend = init["backend"]
         if backend == "nccl":
             device = torch.device("cuda", local_rank)
@@ -437,7 +457,8 @@ def serve() -> None:
         else:
             device = torch.device("cpu")
         dist.init_process_group(backend, timeout=timedelta(seconds=float(init["collective_timeout_s"])))
-        model = build_model(init["model"], device)
+        model = build_model(init["model"], device,
+                            allow_callable=head or os.environ.get(protocol.ENV_ALLOW_CALLABLE) == "1")
         rank_impl = MODES[init["mode"]](model, rank, world, device)
         conn.send({"type": "ready", "rank": rank, **rank_impl.ready_info()})
         while True:

@@ -192,6 +192,28 @@ def test_workers_build_the_model_from_a_checkpoint_through_the_loader(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), built.state_dict().values()))
 
 
+def test_a_rank_runs_code_named_by_the_channel_only_when_allowed(tmp_path):
+    """A ``callable`` spec imports what it names: a rank on another machine (its channel came from torchrun's
+    unauthenticated store) refuses it before importing anything; ``init`` sets only the known NCCL advice."""
+    from liveavatar_pack.distributed.runtime import advised_env, build_model
+
+    marker = tmp_path / "imported"
+    target = tmp_path / "planted.py"
+    target.write_text(f"open({str(marker)!r}, 'w').close()\ndef model():\n    raise AssertionError('ran')\n")
+    spec = {"kind": "callable", "target": f"{target}:model"}
+    with pytest.raises(PermissionError, match=protocol.ENV_ALLOW_CALLABLE):
+        build_model(spec, torch.device("cpu"), allow_callable=False)
+    assert not marker.exists()
+    with pytest.raises(AssertionError, match="ran"):  # allowed (the head's own ranks): imported and called
+        build_model(spec, torch.device("cpu"), allow_callable=True)
+    assert marker.exists()
+    assert advised_env({"NCCL_P2P_DISABLE": "1"}) == {"NCCL_P2P_DISABLE": "1"}
+    assert advised_env({}) == {}
+    for bad in ({"LD_PRELOAD": "/tmp/x.so"}, {"NCCL_NET_PLUGIN": "/tmp/x.so"}, {"NCCL_P2P_DISABLE": "1; x"}):
+        with pytest.raises(PermissionError, match="may not set"):
+            advised_env(bad)
+
+
 def test_pool_reuse_follows_the_model_configuration():
     pool = WorkerPool(PoolOptions(model="tiny:1", workers=2))
     assert not pool.reconfigure(PoolOptions(model={"kind": "tiny", "seed": 1}, workers=2, idle_timeout_s=5))
@@ -388,6 +410,7 @@ def test_two_machines_on_loopback_give_the_single_process_result(reference):
     agent = subprocess.Popen(
         [sys.executable, "-m", "liveavatar", "worker-agent", "--rdzv-endpoint", endpoint, "--nnodes", "2",
          "--nproc-per-node", "1", "--cpu"],
+        env={**os.environ, protocol.ENV_ALLOW_CALLABLE: "1"},  # this machine runs the test's model function
         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     spec = {"kind": "callable", "target": f"{Path(__file__).resolve()}:nccl_advised_model", "kwargs": {"seed": MODEL_SEED}}
