@@ -15,6 +15,9 @@ pool, until it is stopped (Ctrl-C / SIGTERM stop torchrun and its workers too) o
 Security: torch's rendezvous store and the gloo/NCCL traffic are unauthenticated, and the
 channel token travels through that store. Run several machines only on a network you trust
 (a private LAN or VPN, firewalled ports); anyone who reaches the rendezvous port can join.
+Because of that, the agent's ranks build only file-based models (``dit``, ``tiny``) from the
+channel's ``init``, never a ``callable`` spec (code to import), unless this machine sets
+``LIVEAVATAR_ALLOW_CALLABLE_MODELS=1`` (tests, development).
 """
 from __future__ import annotations
 

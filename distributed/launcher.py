@@ -394,13 +394,17 @@ class WorkerPool:
                     proc.wait(timeout=wait)
                 except subprocess.TimeoutExpired:
                     pass
-        for rank, pid in self.worker_pids.items():  # in case one left the group (never another machine's)
-            if rank in self.remote_ranks:
+        # in case one left the group: only this pool's session, never another machine's ranks, and never
+        # again on a later teardown (by then a pid may belong to another process)
+        for rank, pid in self.worker_pids.items():
+            if proc is None or rank in self.remote_ranks:
                 continue
             try:
-                os.kill(pid, signal.SIGKILL)
+                if os.getsid(pid) == proc.pid:
+                    os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        self.worker_pids = {}
         for conn in self._conns.values():
             conn.close()
         self._conns = {}

@@ -214,6 +214,21 @@ def test_a_rank_runs_code_named_by_the_channel_only_when_allowed(tmp_path):
             advised_env(bad)
 
 
+def test_teardown_never_signals_a_pid_outside_the_pools_session():
+    """Worker pids are forgotten once the pool is down: a later close (or start) must not kill whatever
+    process has reused one of those pids since."""
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        pool = WorkerPool(PoolOptions(model="tiny:0", workers=2))
+        pool.worker_pids = {0: bystander.pid}  # as left behind by a pool that was shut down earlier
+        pool.close()
+        pool.close()
+        assert bystander.poll() is None and pool.worker_pids == {}
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 def test_pool_reuse_follows_the_model_configuration():
     pool = WorkerPool(PoolOptions(model="tiny:1", workers=2))
     assert not pool.reconfigure(PoolOptions(model={"kind": "tiny", "seed": 1}, workers=2, idle_timeout_s=5))
