@@ -14,7 +14,7 @@ rank broadcasts clip 0's first latent frame, the new sink reference (TPP rule).
 ``sp`` (sequence/head parallel): every rank runs the whole sampler on the same inputs, but
 attends and caches only its share of the heads (``HeadSplit``) and holds only a shard
 of the weights (FSDP2, resharded after each unit's forward). Rank 0 streams the blocks;
-a one-element broadcast from rank 0 before every block agrees on a cancel.
+a one-element broadcast from rank 0 before every step (DiT call) agrees on a cancel.
 
 The math is the engine's (``StepWorker``/``StreamingSampler``); nothing here changes it.
 
@@ -363,11 +363,9 @@ class SPRank:
         counter = {"n": 0, "g": 0}
         order = job.order()
 
-        def check_cancel():  # called before every step; agree at block boundaries (step 0)
+        def check_cancel():  # called before every step: the ranks agree on each, so all stop within one DiT call
             n = counter["n"]
             counter["n"] += 1
-            if n % cfg.steps:
-                return
             counter["g"] = n // cfg.steps
             flag = torch.tensor([int(rank == 0 and job.id in inbox.cancelled)], device=self.comm)
             dist.broadcast(flag, src=0)
