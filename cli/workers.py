@@ -31,13 +31,13 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
 def worker_block_source(args: argparse.Namespace, model: dict, cfg: SamplerConfig, cond: Conditioning,
                         seed: int) -> Callable[[int], Iterator[BlockOutput]]:
     """A ``VideoStream`` block source backed by the shared worker pool."""
-    from ..distributed.launcher import PoolOptions
+    from ..distributed.launcher import LOOPBACK, PoolOptions
     from ..distributed.sampler import DistributedSampler
 
     gpus = tuple(int(g) for g in args.gpus.split(",")) if args.gpus else None
     nnodes = getattr(args, "nnodes", 1)
     channel_host = getattr(args, "channel_host", "127.0.0.1")
-    tcp = nnodes > 1 or channel_host not in ("127.0.0.1", "localhost", "::1")
+    tcp = nnodes > 1 or channel_host not in LOOPBACK
     opts = PoolOptions(model=model, workers=args.workers, mode=args.mode, gpus=gpus,
                        threads=max(1, torch.get_num_threads() // max(1, args.workers)),
                        nnodes=nnodes, rdzv_endpoint=getattr(args, "rdzv_endpoint", None),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -95,6 +96,12 @@ def nccl_advised_model(seed: int):
 
 
 # ----------------------------------------------------------------------------- no processes
+def _encoded(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 class NotPlainData:
     """An arbitrary object: the channel must refuse to unpickle it."""
 
@@ -173,8 +180,10 @@ def test_channel_messages_carry_tensors_and_plain_data_only():
 
     buf = io.BytesIO()
     torch.save({"type": "job", "obj": NotPlainData()}, buf)
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         protocol.decode(buf.getvalue())
+    with pytest.raises(ValueError, match="malformed"):  # plain data, but not a message
+        protocol.decode(_encoded([1, 2]))
 
 
 def test_workers_build_the_model_from_a_checkpoint_through_the_loader(tmp_path):
