@@ -30,6 +30,13 @@ class LiveAvatarModel:
     placement: Any = None  # PlacementConfig or None
     placed: Any = None  # PlacedModel when a placement is applied
     managed: Any = None  # runtime.Managed otherwise
+    precision: str = "bf16"
+
+    def device_bytes(self, width: int, height: int, cfg) -> int:
+        """The planner's peak on the compute device for a run at this size (for ComfyUI to free)."""
+        from ..model_loaders.planner import plan_memory
+
+        return plan_memory(self.model.cfg, self.precision, width, height, cfg, self.placement).peak_device
 
     @contextmanager
     def session(self) -> Iterator[tuple[torch.nn.Module, Any]]:
@@ -121,7 +128,7 @@ class ModelLoader(io.ComfyNode):
         if placement is not None and placement.device != str(dev):
             placement = _with_device(placement, dev)
         model, summary = load_dit_model(dit_path, lora_path, precision, placement, dev)
-        holder = LiveAvatarModel(model, dit_name, summary, placement=placement)
+        holder = LiveAvatarModel(model, dit_name, summary, placement=placement, precision=precision)
         if placement is not None:
             from ..model_loaders.placement import apply_placement
 

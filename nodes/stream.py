@@ -47,6 +47,8 @@ class LocalBackend:
     def blocks(self, cond, cfg, seed, num_clips, check_cancel):
         from ..liveavatar.sampler import StreamingSampler
 
+        if self.model.placed is not None:  # not registered with ComfyUI: ask it to make room instead
+            runtime.free_vram(self.model.device_bytes(cond.width, cond.height, cfg))
         with self.model.session() as (dit, storage):
             with torch.inference_mode():
                 sampler = StreamingSampler(dit, cfg, cond.text, cond.audio, cond.sink, seed,

@@ -256,3 +256,27 @@ def test_double_does_not_leak(env):
     import sys
 
     assert "folder_paths" in sys.modules  # inside the module fixture
+
+
+def test_placed_model_asks_comfyui_for_the_planned_vram(env, graph, monkeypatch):
+    """A DiT with a placement is not registered with model management; it asks for room instead."""
+    from liveavatar_pack.cli import tiny_models as tm
+    from liveavatar_pack.liveavatar.config import SamplerConfig
+    from liveavatar_pack.liveavatar.pipeline import Conditioning
+    from liveavatar_pack.model_loaders.planner import plan_memory
+    from liveavatar_pack.nodes import loaders, runtime, stream
+
+    asked = []
+    monkeypatch.setattr(runtime, "free_vram", asked.append)
+    placement = run(loaders.Placement, blocks_on_device=1, kv_cache_device="device", kv_cache_dtype="auto",
+                    offload_between_uses=False, prefetch=True)[0]
+    placed = run(loaders.ModelLoader, dit_name=tm.DIT_FILES[0], lora_name=tm.LORA_FILE, precision="fp32",
+                 placement=placement)[0]
+    ref = graph["ref"]
+    cond = Conditioning(graph["text"].context, graph["audio"].features, ref.sink, ref.height, ref.width)
+    cfg = SamplerConfig(steps=2)
+    blocks = stream.LocalBackend(placed).blocks(cond, cfg, seed=1, num_clips=1, check_cancel=lambda: None)
+    next(blocks)
+    blocks.close()
+    expected = plan_memory(placed.model.cfg, "fp32", ref.width, ref.height, cfg, placed.placement).peak_device
+    assert asked == [expected] and expected > 0
