@@ -35,10 +35,11 @@ def _video(dtype):
 
 
 def test_bf16_pipeline_runs_and_tracks_float32():
+    """Measured here: 3.8e-3 of max|x| on the latents; the bound leaves 5x room for other CPUs."""
     frames16, lat16 = _video(torch.bfloat16)
     frames32, lat32 = _video(torch.float32)
     assert frames16.shape == frames32.shape == (45, 64, 64, 3) and frames16.dtype == torch.uint8
     assert lat16.dtype == torch.float32 and torch.isfinite(lat16).all()
     rel = ((lat16 - lat32).abs().max() / lat32.abs().max()).item()
-    assert rel < 0.1, f"bf16 latents deviate from float32 by {rel:.3g} of max|x|"
+    assert rel < 0.02, f"bf16 latents deviate from float32 by {rel:.3g} of max|x|"
     assert frames16.float().std() > 1.0  # not a constant picture
