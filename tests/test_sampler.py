@@ -161,3 +161,33 @@ def test_text_context_holds_no_autograd_graph(model):
     assert any(p.requires_grad for p in model.parameters())
     text = model.embed_text(torch.randn(7, TINY.text_dim))
     assert all(not k.requires_grad and not v.requires_grad for k, v in text.kv)
+
+
+def test_positions_beyond_upstreams_45000_frame_table():
+    """RoPE angles come from the positions (no table cap): past ~2 hours of video the rotation still
+    depends only on position differences, with the same float16-table rounding as early on."""
+    from liveavatar_pack.liveavatar.rope import TokenGrid, apply_rope, rope_table
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 3, 16, generator=gen)
+    k = torch.randn(1, 4, 3, 16, generator=gen)
+
+    def scores(start):
+        grid = TokenGrid(tuple(range(start, start + 3)), (0,), (0,))
+        table = rope_table([grid], 16)
+        return apply_rope(q, table) @ apply_rope(k, table).transpose(-1, -2)
+
+    early, shifted, late = scores(100), scores(200), scores(50_000)
+    rounding = (early - shifted).abs().max()
+    assert 0 < (early - late).abs().max() <= 4 * rounding + 1e-6
+    assert torch.allclose(early, late, atol=1e-2)
+
+
+def test_block_call_far_beyond_the_table(model):
+    sampler = make_sampler(model)
+    worker = sampler.workers[0]
+    worker.prefill(sampler.sink)
+    frame = 46_000  # > 45000 latent frames: about 2 h 3 min of video
+    audio = sampler.audio.frames(0, SamplerConfig().frames_per_block)
+    out = worker(torch.randn(16, 3, H, W), frame, audio, rd=17)
+    assert out.shape == (16, 3, H, W) and torch.isfinite(out).all()
