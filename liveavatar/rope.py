@@ -9,6 +9,7 @@ them as float32 tensors, and rotate in float32.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -83,6 +84,16 @@ def rope_table(grids: list[TokenGrid], head_dim: int) -> torch.Tensor:
     if not parts:
         return torch.zeros(0, head_dim // 2, 2)
     return torch.cat(parts, dim=0)
+
+
+@lru_cache(maxsize=16)
+def device_rope_table(grids: tuple[TokenGrid, ...], head_dim: int, device: torch.device) -> torch.Tensor:
+    """``rope_table`` on ``device``, remembered: the steps of a block share their tables, and an
+    upload from pinned memory does not make the host wait for the device's queue."""
+    table = rope_table(list(grids), head_dim)
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .config import DiTConfig
 from .kv_cache import CondCache, KVCache
-from .rope import TokenGrid, apply_rope, rope_table, sampled_positions
+from .rope import TokenGrid, apply_rope, device_rope_table, sampled_positions
 
 
 class RMSNorm(nn.Module):
@@ -368,7 +368,7 @@ class LiveAvatarTransformer(nn.Module):
         ref = self._patchify(self.patch_embedding, ref_latent) + mask[1]
         motion = self.frame_packer(motion_latents.to(self.device, self.dtype)) + mask[2]
         x = torch.cat([ref, motion], dim=1)  # [1, C, dim]
-        table = rope_table(self.sink_grids(h, w, ref_frame), self.cfg.head_dim).to(self.device)
+        table = device_rope_table(tuple(self.sink_grids(h, w, ref_frame)), self.cfg.head_dim, self.device)
         _, m0 = self.time_modulation(torch.zeros(1))  # sink tokens all use timestep 0
         for layer, block in enumerate(self.blocks):
 
@@ -432,8 +432,8 @@ class LiveAvatarTransformer(nn.Module):
         audio_global, audio_tokens = self.encode_audio(audio, motion_prefix_frames, nf)
 
         grid = TokenGrid(tuple(range(frame_start, frame_start + nf)), tuple(range(hp)), tuple(range(wp)))
-        table = rope_table([grid], self.cfg.head_dim).to(self.device)
-        cond_table = rope_table(self.sink_grids(h, w, ref_frame), self.cfg.head_dim).to(self.device)
+        table = device_rope_table((grid,), self.cfg.head_dim, self.device)
+        cond_table = device_rope_table(tuple(self.sink_grids(h, w, ref_frame)), self.cfg.head_dim, self.device)
         start = frame_start * fsl
         active = cache.active_length(start, nf * fsl)
 
