@@ -36,14 +36,13 @@ def run_demo(args: argparse.Namespace) -> Path:
     text = encode_text(text_encoder, ids, mask)
     cond = Conditioning(text, audio, encode_reference(vae, pixels, cfg), *pixels.shape[1:])
 
-    block_source = None
+    sources = {}
     if args.workers:
-        from .workers import worker_block_source
+        from .workers import worker_sources
 
         spec = {"kind": "tiny", "seed": args.seed, "config": dit_cfg.__dict__}
-        block_source = worker_block_source(args, spec, cfg, cond, args.seed)
-    stream = VideoStream(model, vae, cond, cfg, seed=args.seed, num_clips=args.num_clips or None,
-                         block_source=block_source)
+        sources = worker_sources(args, spec, cfg, cond, args.seed, vae={"kind": "tiny_vae", "seed": 1})
+    stream = VideoStream(model, vae, cond, cfg, seed=args.seed, num_clips=args.num_clips or None, **sources)
     print(f"demo: {cond.width}x{cond.height}, {stream.num_clips} clips, {stream.total_frames} frames, "
           f"{cfg.steps} steps (tiny random models: expect abstract motion, not a face)")
     with torch.inference_mode():

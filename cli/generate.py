@@ -20,7 +20,7 @@ from ..model_loaders.model_dir import find_model_files
 from ..model_loaders.text_encoder import load_text_encoder
 from ..model_loaders.vae import load_wan_vae
 from .progress import BlockProgress
-from .workers import add_worker_arguments, worker_block_source
+from .workers import add_worker_arguments, worker_sources
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,14 +87,14 @@ def run_generate(args: argparse.Namespace) -> Path:
     cond = Conditioning(text, audio, sink, *pixels.shape[1:])
     if args.workers:
         spec = {"kind": "dit", "path": str(files.dit), "lora": str(files.lora), "precision": precision}
-        model, block_source = None, worker_block_source(args, spec, cfg, cond, args.seed)
-        log(f"DiT on {args.workers} workers ({args.mode})")
+        vae_spec = {"kind": "wan_vae", "path": str(files.vae), "dtype": str(dtype).removeprefix("torch.")}
+        model, sources = None, worker_sources(args, spec, cfg, cond, args.seed, vae=vae_spec)
+        log(f"DiT on {args.workers} workers ({args.mode})" + (" + a decode rank" if "frame_source" in sources else ""))
     else:
         model, report = load_dit(files.dit, lora=files.lora, precision=precision, device=device)
-        block_source = None
+        sources = {}
         log(report.summary())
-    stream = VideoStream(model, vae, cond, cfg, seed=args.seed, num_clips=args.num_clips or None,
-                         block_source=block_source)
+    stream = VideoStream(model, vae, cond, cfg, seed=args.seed, num_clips=args.num_clips or None, **sources)
     log(f"generating {stream.num_clips} clips = {stream.total_frames} frames at {cond.width}x{cond.height}, "
         f"{cfg.steps} steps, seed {args.seed} ({waveform.duration:.1f} s of audio)")
     with torch.inference_mode():

@@ -26,11 +26,22 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
                         "or 0.0.0.0 (trusted networks only)")
     p.add_argument("--nccl-p2p-disable", action="store_true",
                    help="NCCL_P2P_DISABLE=1 on every rank (consumer cards without working peer-to-peer)")
+    p.add_argument("--decode-rank", action="store_true",
+                   help="tpp: one more worker (GPU) holds the VAE and streams the decoded frames (upstream's 4+1 layout)")
+
+
+def worker_sources(args: argparse.Namespace, model: dict, cfg: SamplerConfig, cond: Conditioning, seed: int,
+                   vae: dict) -> dict:
+    """``VideoStream`` keyword arguments: ``block_source``, or with ``--decode-rank`` a ``frame_source``
+    (the VAE described by ``vae`` then decodes on the extra worker)."""
+    if not getattr(args, "decode_rank", False):
+        return {"block_source": worker_block_source(args, model, cfg, cond, seed)}
+    return {"frame_source": worker_block_source(args, model, cfg, cond, seed, vae=vae)}
 
 
 def worker_block_source(args: argparse.Namespace, model: dict, cfg: SamplerConfig, cond: Conditioning,
-                        seed: int) -> Callable[[int], Iterator[BlockOutput]]:
-    """A ``VideoStream`` block source backed by the shared worker pool."""
+                        seed: int, vae: dict | None = None) -> Callable[[int], Iterator[BlockOutput]]:
+    """A ``VideoStream`` block source backed by the shared worker pool (with ``vae``: a decode rank's frames)."""
     from ..distributed.launcher import LOOPBACK, PoolOptions
     from ..distributed.sampler import DistributedSampler
 
@@ -42,5 +53,6 @@ def worker_block_source(args: argparse.Namespace, model: dict, cfg: SamplerConfi
                        threads=max(1, torch.get_num_threads() // max(1, args.workers)),
                        nnodes=nnodes, rdzv_endpoint=getattr(args, "rdzv_endpoint", None),
                        channel="tcp" if tcp else "unix", channel_host=channel_host,
-                       nccl_p2p_disable=getattr(args, "nccl_p2p_disable", False))
-    return DistributedSampler(opts, cfg, cond.text, cond.audio, cond.sink, seed).blocks
+                       nccl_p2p_disable=getattr(args, "nccl_p2p_disable", False), decode_rank=vae is not None)
+    sampler = DistributedSampler(opts, cfg, cond.text, cond.audio, cond.sink, seed, vae=vae)
+    return sampler.frames if vae is not None else sampler.blocks

@@ -103,6 +103,8 @@ class PoolOptions:
     rdzv_endpoint: str | None = None  # "HOST:PORT" of the c10d rendezvous, an address of THIS machine; None: loopback
     rdzv_id: str = RDZV_ID  # the agents pass the same --rdzv-id
     channel_host: str = "127.0.0.1"  # where the tcp channel listens; other machines need e.g. "0.0.0.0" (see README)
+    # tpp only: one more rank (the last) that holds the VAE, decodes each clean block and streams frames
+    decode_rank: bool = False
 
     def __post_init__(self):
         if self.mode not in ("tpp", "sp"):
@@ -121,6 +123,13 @@ class PoolOptions:
             raise ValueError("a pool over several machines needs channel='tcp' (other machines cannot reach a unix socket)")
         if self.channel_host not in LOOPBACK and self.channel != "tcp":
             raise ValueError("channel_host applies to the tcp channel; set channel='tcp'")
+        if self.decode_rank and (self.mode != "tpp" or self.nnodes != 1):
+            raise ValueError("decode_rank needs mode='tpp' on one machine")
+
+    @property
+    def procs(self) -> int:
+        """Processes on this machine: the DiT workers, plus the decode rank when there is one."""
+        return self.workers + int(self.decode_rank)
 
     def key(self) -> str:
         raw = dataclasses.asdict(self)
@@ -165,18 +174,19 @@ def worker_env(options: PoolOptions, channel: str, token: str, base: dict | None
     """(environment, backend) of the torchrun agent: inherited minus rank variables, plus ours."""
     env = {k: v for k, v in (os.environ if base is None else base).items() if k not in SCRUBBED_ENV}
     gpus = options.gpus
-    if gpus is None and options.backend != "gloo" and _cuda_count() >= options.workers:
-        gpus = tuple(range(options.workers))
+    procs = options.procs
+    if gpus is None and options.backend != "gloo" and _cuda_count() >= procs:
+        gpus = tuple(range(procs))
     backend = options.backend or ("nccl" if gpus else "gloo")
     if gpus:
-        if len(gpus) < options.workers:
-            raise ValueError(f"{options.workers} workers need {options.workers} GPUs, got {list(gpus)}")
+        if len(gpus) < procs:
+            raise ValueError(f"{procs} workers need {procs} GPUs, got {list(gpus)}")
         visible = env.get("CUDA_VISIBLE_DEVICES")
         if visible is not None and visible.strip():  # chosen indices are relative to what we see
             ids = [v.strip() for v in visible.split(",") if v.strip()]
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[g] for g in gpus[: options.workers])
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[g] for g in gpus[:procs])
         else:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus[: options.workers])
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus[:procs])
     elif backend == "gloo":
         env["CUDA_VISIBLE_DEVICES"] = ""
     env.update(
@@ -238,7 +248,7 @@ class WorkerPool:
         self.worker_pids: dict[int, int] = {}
         self.worker_hosts: dict[int, str] = {}
         self.remote_ranks: set[int] = set()  # ranks on other machines (their pids are not ours to signal)
-        self.world = options.workers * options.nnodes  # every rank's hello confirms it
+        self.world = options.procs * options.nnodes  # every rank's hello confirms it
         self.starts = 0
         self._proc: subprocess.Popen | None = None
         self._dir: str | None = None
@@ -313,11 +323,11 @@ class WorkerPool:
         env, backend = worker_env(opts, address, token)
         self._log = open(os.path.join(self._dir, "torchrun.log"), "wb")
         self._events = queue.Queue()
-        self.world = opts.workers * opts.nnodes
+        self.world = opts.procs * opts.nnodes
         self.remote_ranks, self.worker_hosts = set(), {}
         multi = opts.nnodes > 1 or opts.rdzv_endpoint is not None
         command = torchrun_command(
-            opts.workers, None if multi else free_port(), nnodes=opts.nnodes,
+            opts.procs, None if multi else free_port(), nnodes=opts.nnodes,
             rdzv_endpoint=opts.rdzv_endpoint if multi else None, rdzv_id=opts.rdzv_id, host_store=True,
             join_timeout_s=opts.start_timeout_s,
         )
@@ -359,6 +369,7 @@ class WorkerPool:
         init = {
             "type": "init", "model": model_spec(opts.model), "mode": opts.mode, "backend": backend,
             "threads": opts.threads, "collective_timeout_s": opts.collective_timeout_s, "env": nccl_env(opts),
+            "decode_rank": opts.decode_rank,
         }
         self._send_all(init)
         ready: dict[int, dict] = {}

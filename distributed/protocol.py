@@ -9,7 +9,7 @@ token the parent handed to its workers, so only they can attach.
 
 Message types (``msg["type"]``):
   parent -> rank: ``init`` (pool config), ``job``, ``cancel``, ``shutdown``
-  rank -> parent: ``hello``, ``ready``, ``block`` (clean latents, also the progress),
+  rank -> parent: ``hello``, ``ready``, ``block`` (clean latents, or a decode rank's uint8 frames; also the progress),
                   ``done`` (per-rank stats; ``stopped_at`` when cancelled), ``error``
 """
 from __future__ import annotations

@@ -9,7 +9,10 @@ point sends (non-blocking, so rank 0 starts block b+1 while later ranks still wo
 block b); the last rank streams clean blocks to the parent. Before every block a small
 control message ``[g, stop]`` runs down the chain first, so a cancel that rank 0 reads
 from the channel stops every rank at the same block g. At the start of clip 1 the last
-rank broadcasts clip 0's first latent frame, the new sink reference (TPP rule).
+rank broadcasts clip 0's first latent frame, the new sink reference (TPP rule). With a
+decode rank (``PoolOptions(decode_rank=True)``) the world has one more rank, last, that
+holds only the VAE: the last DiT rank hands it the stop decisions and clean blocks the same
+way, and it streams decoded uint8 frames to the parent (``DecodeRank``).
 
 ``sp`` (sequence/head parallel): every rank runs the whole sampler on the same inputs, but
 attends and caches only its share of the heads (``HeadSplit``) and holds only a shard
@@ -239,6 +242,7 @@ class Job:
         self.num_clips = int(msg["num_clips"])
         self.rope = rope_from_job(msg["rope"])
         self.noise_table = msg.get("noise")
+        self.vae = msg.get("vae")
 
     def noise(self, clip: int) -> torch.Tensor:
         if self.noise_table is not None:
@@ -251,15 +255,21 @@ class Job:
 
 
 class TPPRank:
-    def __init__(self, model, rank: int, world: int, comm_device: torch.device):
+    """One DiT rank of the pipeline. ``decode_rank``: the world's last rank decodes (``DecodeRank``), so the
+    last DiT rank hands its clean blocks (and the stop decisions) on to it instead of the parent."""
+
+    def __init__(self, model, rank: int, world: int, comm_device: torch.device, decode_rank: bool = False):
         self.model, self.rank, self.world, self.comm = model, rank, world, comm_device
+        self.decode_rank = decode_rank
 
     def ready_info(self) -> dict:
         return {"param_bytes": parameter_bytes(self.model)}
 
     def run(self, job: Job, inbox: Inbox, conn: protocol.Connection) -> dict:
-        model, rank, world, cfg = self.model, self.rank, self.world, job.cfg
+        model, rank, cfg = self.model, self.rank, job.cfg
+        world = self.world - int(self.decode_rank)  # the DiT ranks
         last, prev, nxt = world - 1, self.rank - 1, self.rank + 1
+        chained = rank != self.world - 1  # a rank after this one (the next DiT rank or the decode rank)
         steps = assign_steps(cfg.steps, world)[rank]
         text = model.embed_text(job.text)
         c, _, h, w = job.sink.ref_latent.shape
@@ -285,7 +295,7 @@ class TPPRank:
                 ctrl = torch.empty(2, dtype=torch.int64, device=self.comm)
                 dist.recv(ctrl, src=prev, tag=_tag(g, 0))
                 stop = bool(ctrl[1].item())
-            if rank != last:
+            if chained:
                 ctrl = torch.tensor([g, int(stop)], device=self.comm)
                 pending.append((dist.isend(ctrl, dst=nxt, tag=_tag(g, 0)), ctrl))
             if stop:
@@ -315,9 +325,9 @@ class TPPRank:
             for worker in workers:
                 x = worker(x, frame_start, audio, job.rope(clip, block, worker.step))
             times.append((clip, block, t0, time.time()))
-            if rank == last:
-                if clip == 0 and block == 0:
-                    first_block = x
+            if rank == last and clip == 0 and block == 0:
+                first_block = x
+            if not chained:
                 conn.send({"type": "block", "job": job.id, "clip": clip, "block": block, "latents": x.cpu()})
             else:
                 if data_work is not None:
@@ -341,6 +351,73 @@ class TPPRank:
 
 def _tag(g: int, kind: int) -> int:
     return (2 * g + kind) % 4096
+
+
+class DecodeRank:
+    """The optional last tpp rank: holds the VAE (never the DiT), takes each clean block from the last DiT
+    rank and streams its uint8 frames ``[n, H, W, 3]`` to the parent (``BlockDecoder``, warmed on the sink's
+    motion latents). It follows the same stop decisions and joins the clip-1 sink broadcast."""
+
+    def __init__(self, rank: int, world: int, comm_device: torch.device, device: torch.device):
+        self.rank, self.world, self.comm, self.device = rank, world, comm_device, device
+        self._vae_key, self._vae = None, None
+
+    def ready_info(self) -> dict:
+        return {"param_bytes": 0, "decode_rank": True}
+
+    def vae(self, spec: dict):
+        key = json.dumps(spec, sort_keys=True, default=str)
+        if key != self._vae_key:
+            self._vae, self._vae_key = None, None
+            self._vae, self._vae_key = build_vae(spec, self.device), key
+        return self._vae
+
+    def run(self, job: Job, inbox: Inbox, conn: protocol.Connection) -> dict:
+        from ..liveavatar.vae import BlockDecoder, to_uint8
+
+        if not job.vae:
+            raise ValueError("this pool has a decode rank: the job must carry a VAE spec ('vae')")
+        cfg, prev = job.cfg, self.rank - 1
+        decoder = BlockDecoder.from_config(self.vae(job.vae), cfg)
+        decoder.warm_up(job.sink.motion_latents)
+        c, _, h, w = job.sink.ref_latent.shape
+        nf = cfg.latent_frames_per_block
+        times, stopped_at, first = [], None, 0
+        for g, (clip, block) in enumerate(job.order()):
+            ctrl = torch.empty(2, dtype=torch.int64, device=self.comm)
+            dist.recv(ctrl, src=prev, tag=_tag(g, 0))
+            if bool(ctrl[1].item()):
+                stopped_at = (clip, block)
+                break
+            if clip == 1 and block == 0:  # the sink broadcast is collective: take part, keep nothing
+                dist.broadcast(torch.empty(c, 1, h, w, device=self.comm), src=prev)
+            x = torch.empty(c, nf, h, w, dtype=torch.float32, device=self.comm)
+            dist.recv(x, src=prev, tag=_tag(g, 1))
+            t0 = time.time()
+            frames = to_uint8(decoder.decode_block(x.to(self.device)))
+            times.append((clip, block, t0, time.time()))
+            conn.send({"type": "block", "job": job.id, "clip": clip, "block": block, "frames": frames,
+                       "first_frame": first})
+            first += frames.shape[0]
+        return {"steps": [], "dit_calls": 0, "calls_per_step": {}, "block_times": times, "stopped_at": stopped_at,
+                "kv_cache_bytes": 0, "cond_cache_bytes": 0, "param_bytes": 0, "frames": first}
+
+
+def build_vae(spec: dict, device: torch.device):
+    """The decode rank's VAE: ``{"kind": "wan_vae", "path", "config"?}`` or ``{"kind": "tiny_vae", "seed"}``."""
+    kind = spec.get("kind")
+    if kind == "wan_vae":
+        from ..model_loaders.vae import load_wan_vae
+
+        path = local_file(spec["path"], spec.get("name"), "vae")
+        vae = load_wan_vae(path, config=spec.get("config"), device=device, dtype=DTYPES[spec.get("dtype") or "float32"])
+    elif kind == "tiny_vae":
+        from ..liveavatar.tiny import tiny_vae
+
+        vae = tiny_vae(int(spec.get("seed", 0)))
+    else:
+        raise ValueError(f"unknown VAE spec kind {kind!r}")
+    return vae.to(device)
 
 
 class SPRank:
@@ -455,9 +532,14 @@ def serve() -> None:
         else:
             device = torch.device("cpu")
         dist.init_process_group(backend, timeout=timedelta(seconds=float(init["collective_timeout_s"])))
-        model = build_model(init["model"], device,
-                            allow_callable=head or os.environ.get(protocol.ENV_ALLOW_CALLABLE) == "1")
-        rank_impl = MODES[init["mode"]](model, rank, world, device)
+        decode = bool(init.get("decode_rank")) and init["mode"] == "tpp"
+        if decode and rank == world - 1:  # the decode rank: the VAE comes with each job, never the DiT
+            rank_impl = DecodeRank(rank, world, device, device)
+        else:
+            model = build_model(init["model"], device,
+                                allow_callable=head or os.environ.get(protocol.ENV_ALLOW_CALLABLE) == "1")
+            rank_impl = (TPPRank(model, rank, world, device, decode_rank=True) if decode
+                         else MODES[init["mode"]](model, rank, world, device))
         conn.send({"type": "ready", "rank": rank, **rank_impl.ready_info()})
         while True:
             msg = inbox.get()

@@ -3,6 +3,9 @@
 Same constructor inputs (minus the model, which the pool holds) and the same
 ``blocks(num_clips)`` iterator of ``BlockOutput`` in (clip, block) order, so the pipeline,
 the CLI and the nodes swap it in (e.g. ``VideoStream(..., block_source=s.blocks)``).
+With a pool that has a decode rank (``PoolOptions(decode_rank=True)``), ``frames(num_clips)``
+yields the decoded ``FrameChunk``s instead (``VideoStream(..., frame_source=s.frames)``);
+the VAE spec given as ``vae`` travels with the job and the parent decodes nothing.
 Inputs cross the channel as tensors and plain data: the text context [L, text_dim]
 (embedded on the workers), the audio features, the sink inputs, the seed, the settings,
 and the rd offsets and noise as data when they are injected.
@@ -24,6 +27,7 @@ from ..liveavatar.sampler import (
     TableRopeOffsets,
     TensorAudio,
 )
+from ..liveavatar.pipeline import FrameChunk
 from .launcher import PoolOptions, WorkerPool, shared_pool
 
 
@@ -42,6 +46,7 @@ class DistributedSampler:
         noise: Callable[[int], torch.Tensor] | None = None,
         sink_refresh: None = None,
         check_cancel: Callable[[], None] | None = None,
+        vae: dict | None = None,
     ):
         cfg.validate()
         if not torch.is_tensor(text):
@@ -53,6 +58,7 @@ class DistributedSampler:
         self.rope_offsets = rope_offsets or SeededRopeOffsets(seed, *cfg.rope_offset_range)
         self.noise = noise
         self.check_cancel = check_cancel
+        self.vae = dict(vae) if vae is not None else None  # {"kind": "wan_vae", "path", "config"} | {"kind": "tiny_vae", "seed"}
         self.stats: dict[int, dict] = {}
 
     def _rope_spec(self, num_clips: int) -> dict:
@@ -82,12 +88,16 @@ class DistributedSampler:
             "num_clips": int(num_clips),
             "rope": self._rope_spec(num_clips),
         }
+        if self.vae is not None:
+            job["vae"] = self.vae
         if self.noise is not None:
             job["noise"] = torch.stack([self.noise(c).detach().cpu() for c in range(num_clips)])
         return job
 
     def blocks(self, num_clips: int) -> Iterator[BlockOutput]:
         cfg = self.cfg
+        if self.pool.options.decode_rank:
+            raise ValueError("this pool has a decode rank: it streams frames (use frames(), e.g. VideoStream(frame_source=...))")
         expected = iter([(c, b) for c in range(num_clips) for b in range(cfg.blocks_per_clip)])
         self.stats = {}
         for msg in self.pool.run(self.job(num_clips), self.check_cancel):
@@ -96,4 +106,25 @@ class DistributedSampler:
             if where != want:
                 raise RuntimeError(f"workers delivered block {where}, expected {want}")
             yield BlockOutput(where[0], where[1], msg["latents"])
+        self.stats = self.pool.last_stats
+
+    def frames(self, num_clips: int) -> Iterator[FrameChunk]:
+        """The decoded video from the pool's decode rank, one ``FrameChunk`` per block in (clip, block) order."""
+        cfg = self.cfg
+        if not self.pool.options.decode_rank:
+            raise ValueError("frames() needs a pool with a decode rank (PoolOptions(decode_rank=True))")
+        if self.vae is None:
+            raise ValueError("frames() needs the VAE spec (DistributedSampler(..., vae={'kind': ...}))")
+        order = [(c, b) for c in range(num_clips) for b in range(cfg.blocks_per_clip)]
+        expected = iter(order)
+        self.stats = {}
+        first = 0
+        for done, msg in enumerate(self.pool.run(self.job(num_clips), self.check_cancel), start=1):
+            where = (int(msg["clip"]), int(msg["block"]))
+            want = next(expected, None)
+            if where != want or int(msg["first_frame"]) != first:
+                raise RuntimeError(f"decode rank delivered block {where} at frame {msg['first_frame']}, expected {want} at {first}")
+            frames = msg["frames"]
+            yield FrameChunk(frames, first, where[0], where[1], done, len(order))
+            first += frames.shape[0]
         self.stats = self.pool.last_stats

@@ -90,13 +90,19 @@ class VideoStream:
         cache_storage: CacheStorage | None = None,
         check_cancel: Callable[[], None] | None = None,
         block_source: Callable[..., Iterator[BlockOutput]] | None = None,
+        frame_source: Callable[[int], Iterator[FrameChunk]] | None = None,
     ):
+        """``frame_source(num_clips)``: frames decoded elsewhere (a distributed decode rank); then neither
+        ``model`` nor ``vae`` is used here (both may be None)."""
         cfg.validate()
         self.cfg, self.vae, self.cond = cfg, vae, cond
         self.num_clips = count_clips(cond.audio, cfg, num_clips)
         self.total_frames = video_frame_count(self.num_clips, cfg)
         self.blocks_total = self.num_clips * cfg.blocks_per_clip
-        if block_source is None:
+        self._frames = frame_source
+        if frame_source is not None and block_source is not None:
+            raise ValueError("give block_source or frame_source, not both")
+        if block_source is None and frame_source is None:
             sampler = StreamingSampler(
                 model, cfg, cond.text, cond.audio, cond.sink, seed,
                 rope_offsets=rope_offsets, noise=noise, cache_storage=cache_storage, check_cancel=check_cancel,
@@ -105,6 +111,9 @@ class VideoStream:
         self._blocks = block_source
 
     def __iter__(self) -> Iterator[FrameChunk]:
+        if self._frames is not None:
+            yield from self._frames(self.num_clips)
+            return
         decoder = BlockDecoder.from_config(self.vae, self.cfg)
         decoder.warm_up(self.cond.sink.motion_latents)
         first = 0

@@ -46,11 +46,12 @@ def _decoded(path):
 @pytest.mark.distributed
 def test_demo_on_two_workers_gives_the_same_video(tmp_path):
     outs = []
-    for name, extra in (("local.mp4", []), ("workers.mp4", ["--workers", "2", "--mode", "tpp"])):
+    for name, extra in (("local.mp4", []), ("workers.mp4", ["--workers", "2", "--mode", "tpp"]),
+                        ("decode.mp4", ["--workers", "2", "--mode", "tpp", "--decode-rank"])):
         out = tmp_path / name
         cmd = [sys.executable, "-m", "liveavatar", "demo", "--out", str(out), "--size", "128*128", "--seconds", "1.0",
                "--num-clips", "1", *extra]
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
         outs.append(_decoded(out))
-    assert outs[0] == outs[1]
+    assert outs[0] == outs[1] == outs[2]

@@ -6,6 +6,7 @@ the pool must survive an interrupt and recover from a rank that raises or dies.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -473,3 +474,72 @@ def test_two_machines_on_loopback_give_the_single_process_result(reference):
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, log[-3000:]
+
+
+@pytest.mark.distributed
+def test_tpp_decode_rank_streams_the_single_process_frames_and_stops_with_the_others():
+    """2 DiT ranks + a decode rank holding the tiny VAE: the frames equal the single-process VideoStream's,
+    the decode rank never runs the DiT, an interrupt stops it with the others, and killing it fails fast."""
+    from liveavatar_pack.liveavatar.pipeline import Conditioning, VideoStream
+    from liveavatar_pack.liveavatar.tiny import tiny_vae
+
+    clips, cfg = 2, SamplerConfig()
+    text, audio, sink = inputs(clips)
+    cond = Conditioning(text, audio, sink, H * 8, W * 8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = list(VideoStream(tiny_transformer(MODEL_SEED), tiny_vae(3), cond, cfg, seed=0, num_clips=clips))
+    finally:
+        torch.set_num_threads(threads)
+    opts = PoolOptions(model=f"tiny:{MODEL_SEED}", workers=2, mode="tpp", collective_timeout_s=60, decode_rank=True)
+    assert opts.key() != dataclasses.replace(opts, decode_rank=False).key()
+    with pytest.raises(ValueError, match="decode_rank"):
+        PoolOptions(workers=2, mode="sp", decode_rank=True)
+    pool = WorkerPool(opts)
+    try:
+        sampler = DistributedSampler(pool, cfg, text, audio, sink, seed=0, vae={"kind": "tiny_vae", "seed": 3})
+        stream = VideoStream(None, None, cond, cfg, seed=0, num_clips=clips, frame_source=sampler.frames)
+        chunks = list(stream)
+        pids = list(pool.worker_pids.values()) + [pool.agent_pid]
+        assert len(pool.worker_pids) == 3
+        assert [(c.clip, c.block, c.first_frame, c.blocks_done) for c in chunks] == \
+            [(c.clip, c.block, c.first_frame, c.blocks_done) for c in single]
+        assert all(a.frames.dtype == torch.uint8 and torch.equal(a.frames, b.frames) for a, b in zip(chunks, single))
+        assert sum(c.frames.shape[0] for c in chunks) == stream.total_frames > 0 and len(chunks) == len(single) == 8
+        stats = sampler.stats
+        assert stats[2]["dit_calls"] == 0 and stats[2]["steps"] == [] and len(stats[2]["block_times"]) == 8
+        assert {r: s["steps"] for r, s in stats.items() if r < 2} == {0: [0, 1], 1: [2, 3]}
+        assert pool.ready_info[2].get("decode_rank") and pool.ready_info[2]["param_bytes"] == 0
+        with pytest.raises(ValueError, match="decode rank"):
+            next(iter(sampler.blocks(clips)))
+
+        # an interrupt stops the decode rank at the block the DiT ranks stop at; the pool stays warm
+        seen, starts = [], pool.starts
+        text3, audio3, sink3 = inputs(3)
+        cancelling = DistributedSampler(pool, cfg, text3, audio3, sink3, seed=0, vae={"kind": "tiny_vae", "seed": 3},
+                                        check_cancel=lambda: (_ for _ in ()).throw(Cancelled()) if len(seen) >= 2 else None)
+        with pytest.raises(Cancelled):
+            for chunk in cancelling.frames(3):
+                seen.append(chunk)
+        stops = {r: s["stopped_at"] for r, s in pool.last_stats.items()}
+        assert len(stops) == 3 and len(set(stops.values())) == 1 and None not in stops.values(), stops
+        again = list(DistributedSampler(pool, cfg, text, audio, sink, seed=0, vae={"kind": "tiny_vae", "seed": 3}).frames(clips))
+        assert all(torch.equal(a.frames, b.frames) for a, b in zip(again, single)) and pool.starts == starts
+
+        # the decode rank dies: the run fails fast, like for any rank
+        victim = pool.worker_pids[2]
+        t_kill = None
+        with pytest.raises(WorkerError) as err:
+            for _ in DistributedSampler(pool, cfg, *inputs(6), seed=0, vae={"kind": "tiny_vae", "seed": 3}).frames(6):
+                if t_kill is None:
+                    os.kill(victim, signal.SIGKILL)
+                    t_kill = time.monotonic()
+        assert time.monotonic() - t_kill < 10 and not pool.running
+        assert "died" in str(err.value) or "failed" in str(err.value)
+    finally:
+        pool.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        time.sleep(0.1)
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
