@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from tiny_geometry import LATENT_H, LATENT_W
 
 from liveavatar_pack.distributed import protocol
 from liveavatar_pack.distributed.agent import AgentOptions, agent_command, agent_env
@@ -40,7 +41,7 @@ from liveavatar_pack.liveavatar.config import TINY, SamplerConfig
 from liveavatar_pack.liveavatar.sampler import Cancelled, SinkInputs, StreamingSampler, TensorAudio
 from liveavatar_pack.liveavatar.tiny import tiny_transformer
 
-H = W = 8
+H, W = LATENT_H, LATENT_W  # non-square (tests/tiny_geometry.py)
 MODEL_SEED = 1
 ROOT = Path(__file__).resolve().parent.parent
 

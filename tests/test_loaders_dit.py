@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_geometry import LATENT_H, LATENT_W
 from safetensors.torch import save_file
 
 from conftest import ROOT, golden_subdir
@@ -203,7 +204,7 @@ def test_fp8_precision_from_fp32(ref, tmp_path):
 
 
 # ----------------------------------------------------------------------------- fp8 accuracy
-def block_velocity(model, seed=0, h=8, w=8):
+def block_velocity(model, seed=0, h=LATENT_H, w=LATENT_W):
     gen = torch.Generator().manual_seed(seed)
     storage = CacheStorage(dtype=model.dtype)
     text = model.embed_text(torch.randn(7, TINY.text_dim, generator=gen))

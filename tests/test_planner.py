@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_geometry import LATENT_H, LATENT_W
 from torch.profiler import ProfilerActivity, profile
 
 from liveavatar_pack.cli import main as cli_main
@@ -29,7 +30,7 @@ from liveavatar_pack.model_loaders.planner import (
     weight_bytes,
 )
 
-H = W = 8  # latent size; pixels 64 x 64
+H, W = LATENT_H, LATENT_W  # non-square (tests/tiny_geometry.py)
 SCFG = SamplerConfig()
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_geometry import LATENT_H, LATENT_W
 
 from liveavatar_pack.liveavatar.config import TINY, SamplerConfig
 from liveavatar_pack.liveavatar.kv_cache import CacheStorage
@@ -18,7 +19,7 @@ from liveavatar_pack.liveavatar.sampler import (
 )
 from liveavatar_pack.liveavatar.tiny import tiny_transformer
 
-H = W = 8  # latent size (64x64 pixels)
+H, W = LATENT_H, LATENT_W  # non-square (tests/tiny_geometry.py)
 
 
 @pytest.fixture(scope="module")

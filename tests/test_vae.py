@@ -226,12 +226,22 @@ def test_encode_shapes(tiny_vae):
 
 @pytest.mark.golden
 def test_to_uint8_matches_pipeline_video(golden_dir):
+    """Every clip's recorded first/last float frame, at the frame index the run's call log gives it."""
     from conftest import golden_subdir
+    from goldens import read_json
 
-    g = load_file(str(golden_subdir(golden_dir, "pipeline") / "golden.safetensors"))
-    video = g["video_uint8"]
-    for name, index in (("clip0_frame_first_float", 0), ("clip1_frame_last_float", video.shape[0] - 1)):
-        assert torch.equal(to_uint8(g[name][:, None])[0], video[index]), name
+    pipeline = golden_subdir(golden_dir, "pipeline")
+    g = load_file(str(pipeline / "golden.safetensors"))
+    log = read_json(pipeline / "call_log.json")
+    video, ranges = g["video_uint8"], log["clip_frame_ranges"]
+    assert len(ranges) == log["num_clips"] and ranges[-1][1] == video.shape[0] == log["final_frame_count"]
+    checked = 0
+    for clip, (start, stop) in enumerate(ranges):
+        for name, index in ((f"clip{clip}_frame_first_float", start), (f"clip{clip}_frame_last_float", stop - 1)):
+            if name in g:
+                assert torch.equal(to_uint8(g[name][:, None])[0], video[index]), name
+                checked += 1
+    assert f"clip{len(ranges) - 1}_frame_last_float" in g and checked >= 2, "the last clip's last frame must be checked"
 
 
 def test_to_uint8():
