@@ -427,6 +427,32 @@ def test_failed_load_leaves_nothing_allocated(ref, tmp_path):
     assert (_count(LiveAvatarTransformer), _count(torch.nn.Parameter)) == before
 
 
+
+def test_meta_model_at_full_size_costs_nothing():
+    """The 14B model on meta (accelerate's init_empty_weights + our skip of the initialisers):
+    every tensor on meta, none trainable, no sympy import (what the initialisers alone cost)."""
+    code = textwrap.dedent(
+        """
+        import importlib.util, sys
+        import psutil
+        spec = importlib.util.spec_from_file_location("_b", sys.argv[1] + "/liveavatar/bootstrap.py")
+        boot = importlib.util.module_from_spec(spec); spec.loader.exec_module(boot); boot.load_pack(sys.argv[1])
+        from liveavatar_pack.liveavatar.config import WAN_S2V_14B
+        from liveavatar_pack.model_loaders.dit import empty_model
+        rss = psutil.Process().memory_info().rss
+        model = empty_model(WAN_S2V_14B)
+        tensors = list(model.parameters()) + list(model.buffers())
+        assert sum(t.numel() for t in tensors) > 14e9
+        assert all(t.is_meta for t in tensors) and not any(p.requires_grad for p in model.parameters())
+        assert "sympy" not in sys.modules, "a meta initialiser ran its decomposition"
+        grew = psutil.Process().memory_info().rss - rss
+        assert grew < 64 * 2**20, grew
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
 # ----------------------------------------------------------------------------- memory
 RSS_SCRIPT = textwrap.dedent(
     """
