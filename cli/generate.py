@@ -64,6 +64,7 @@ def run_generate(args: argparse.Namespace) -> Path:
     out = check_writable(args.out)
     files = find_model_files(args.models, dit=args.dit, lora=args.lora, vae=args.vae, text_encoder=args.text_encoder,
                              tokenizer=args.tokenizer, audio_encoder=args.audio_encoder).require(Path(args.models))
+    print("\n".join(files.report()), file=sys.stderr, flush=True)  # which file each part is, and what was passed over
     parse_size(args.size)
     pixels = load_reference_image(args.image, args.size)
     waveform = load_audio(args.audio)

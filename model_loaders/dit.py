@@ -6,6 +6,21 @@ destination (device and dtype). A LoRA is merged per Linear in float32 as that w
 materialised, before the cast to bf16/fp16 or the fp8 quantisation. Peak host memory is the
 final model plus about one tensor (safetensors are read without a memory map).
 
+What accelerate does and what it does not do here:
+
+* the meta model is built under ``accelerate.init_empty_weights(include_buffers=True)``, plus
+  ``_SkipMetaInit``: accelerate still runs every module's initialiser on the meta tensors, and
+  the first ``normal_`` there imports sympy (measured at full 14B size: 2.9 s and +79 MiB RSS
+  without it, 0.1 s and +5 MiB with it);
+* each materialised tensor is put in place with ``accelerate.utils.set_module_tensor_to_device``
+  (shape-checked against the meta tensor; ``clear_cache=False``, as emptying the CUDA cache
+  once per tensor costs time for nothing);
+* reading, the LoRA merge and the fp8 quantisation stay here: accelerate's loaders
+  (``load_checkpoint_in_model``) read a whole shard into memory before placing its tensors,
+  and know neither ComfyUI's fp8 "scaled" files nor a merge in float32 before the cast, so
+  their host peak would be the model plus a shard (or a whole single-file checkpoint) instead
+  of the model plus one tensor.
+
 Config: ``config`` argument (DiTConfig, dict or JSON path) > ``config.json`` of a model
 directory > inferred from the tensor shapes (heads = dim / 128, Wan's head size; audio
 injection layers: upstream's list for 40 layers with 12 injectors, every layer when there is
@@ -24,10 +39,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
 from torch.overrides import TorchFunctionMode
 
 from ..liveavatar.config import WAN_S2V_14B, DiTConfig
-from ..liveavatar.lora import LoraReport
+from ..liveavatar.lora import LoraError, LoraReport, peft_wrapped
 from ..liveavatar.transformer import LiveAvatarTransformer
 from .formats import KIND_NAMES, Checkpoint, ModelFileError, open_checkpoint
 from .fp8 import FP8Linear, fp8_target_names, quantize_fp8_into, replace_linears
@@ -166,9 +183,10 @@ class _SkipMetaInit(TorchFunctionMode):
 
 
 def empty_model(cfg: DiTConfig) -> LiveAvatarTransformer:
-    """The DiT with every tensor on the meta device (no memory, no initialisation)."""
-    with torch.device("meta"), _SkipMetaInit():
-        return LiveAvatarTransformer(cfg)
+    """The DiT with every tensor on the meta device (no memory, no initialisation, no gradients)."""
+    with init_empty_weights(include_buffers=True), _SkipMetaInit():
+        model = LiveAvatarTransformer(cfg)
+    return model.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -198,7 +216,8 @@ def _check_keys(path: Path, expected: dict[str, tuple], found: dict[str, tuple],
     return sorted(unexpected)
 
 
-def _check_lora(lora: LoraFile, modules: dict[str, nn.Module], dit_path: Path) -> None:
+def _check_lora(lora: LoraFile, modules: dict[str, nn.Module], expected: dict[str, tuple], dit_path: Path) -> dict[str, str]:
+    """Check the LoRA's pairs and full tensors against the model; {model tensor: file key} to replace."""
     for name, pair in sorted(lora.pairs.items()):
         module = modules.get(name)
         if not isinstance(module, (nn.Linear, FP8Linear)):
@@ -214,6 +233,11 @@ def _check_lora(lora: LoraFile, modules: dict[str, nn.Module], dit_path: Path) -
                 f"{name} (weight ({out_f}, {in_f}) in {dit_path.name}); found lora_A {tuple(pair.a.shape)} and "
                 f"lora_B {tuple(pair.b.shape)} (a LoRA for another model size?)"
             )
+    linears = [n for n, m in modules.items() if isinstance(m, (nn.Linear, FP8Linear))]
+    try:
+        return lora.replacements(expected, peft_wrapped(linears) | set(lora.pairs))
+    except LoraError as exc:
+        raise ModelFileError(f"LoRA file {lora.path}: {exc} (checked against the DiT {dit_path.name})") from None
 
 
 # ----------------------------------------------------------------------------- loading
@@ -224,12 +248,8 @@ def _target_dtype(name: str, precision: torch.dtype) -> torch.dtype:
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    parent, _, leaf = name.rpartition(".")
-    module = model.get_submodule(parent) if parent else model
-    if leaf in module._buffers:
-        module._buffers[leaf] = value
-    else:
-        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    """Put a materialised tensor (already on its device, in its dtype) in place of the meta one."""
+    set_module_tensor_to_device(model, name, value.device, value=value, dtype=value.dtype, clear_cache=False)
 
 
 def _release(device: torch.device) -> None:
@@ -284,67 +304,72 @@ def load_dit(
         modules = dict(model.named_modules())
         if lora is not None:
             lora_file = read_lora(lora, alpha=lora_alpha)
-            _check_lora(lora_file, modules, path)
+        replace = _check_lora(lora_file, modules, expected, path) if lora_file else {}  # name -> key in the LoRA file
         lora_modules = set(lora_file.pairs) if lora_file else set()
 
         report = DiTLoadReport(path, ckpt.format, ckpt.dtype_summary(), precision, str(device), cfg, cfg_source, skipped=skipped)
         lora_report = LoraReport(rank=lora_file.rank, alpha=lora_file.alpha) if lora_file else None
         raw_to_name = {raw: n for n, raw in names.items() if n in expected}
         scratch = _Scratch()
-        for raw in ckpt.read_order(raw_to_name):
-            name = raw_to_name[raw]
+        for base_raw in ckpt.read_order(raw_to_name):
+            name = raw_to_name[base_raw]
+            # A full tensor of the LoRA file replaces the base one before the merge, as upstream loads it.
+            src, raw = (lora_file.checkpoint, replace[name]) if name in replace else (ckpt, base_raw)
             module_name = name.rpartition(".")[0]
             is_weight = name.endswith(".weight")
-            file_fp8 = is_weight and ckpt.fp8_storage(raw)
+            file_fp8 = is_weight and src.fp8_storage(raw)
             merge = is_weight and module_name in lora_modules
             try:
                 if module_name in fp8_names and is_weight:
                     layer = modules[module_name]
-                    if file_fp8 and not merge and (ckpt.fp8_scale(raw).numel() > 1) == fp8_per_channel:
-                        q = torch.empty(ckpt.shape(raw), dtype=torch.float8_e4m3fn)  # the file's fp8 values, as they are
-                        ckpt.read(raw, out=q)
-                        q, scale = q.to(device), ckpt.fp8_scale(raw).to(device)
+                    if file_fp8 and not merge and (src.fp8_scale(raw).numel() > 1) == fp8_per_channel:
+                        q = torch.empty(src.shape(raw), dtype=torch.float8_e4m3fn)  # the file's fp8 values, as they are
+                        src.read(raw, out=q)
+                        q, scale = q.to(device), src.fp8_scale(raw).to(device)
                         report.fp8_from_file += 1
                     else:
-                        w = _read_f32(ckpt, raw, file_fp8, device, scratch)
+                        w = _read_f32(src, raw, file_fp8, device, scratch)
                         if merge:
                             w.add_(lora_file.delta(module_name, device, out=scratch.get("delta", w.shape, torch.float32, device)))
                         q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=device)
                         scale = quantize_fp8_into(w, q, fp8_per_channel)  # overwrites the scratch w
-                    layer.weight = q
-                    layer.weight_scale = scale.reshape(layer.weight_scale.shape)
+                    _set_tensor(model, module_name + ".weight", q)
+                    _set_tensor(model, module_name + ".weight_scale", scale.reshape(layer.weight_scale.shape))
                     report.fp8_layers += 1
                 else:
                     target = _target_dtype(name, prec)
-                    info = ckpt.infos[raw]
+                    info = src.infos[raw]
                     if merge or file_fp8:
-                        w = _read_f32(ckpt, raw, file_fp8, device, scratch)
+                        w = _read_f32(src, raw, file_fp8, device, scratch)
                         if merge:
                             w.add_(lora_file.delta(module_name, device, out=scratch.get("delta", w.shape, torch.float32, device)))
                         value = torch.empty(w.shape, dtype=target, device=device)
                         value.copy_(w)
                     elif not info.dtype.is_floating_point:
-                        raise ModelFileError(f"{path}: tensor {raw!r} is {info.dtype}; expected a floating-point weight")
+                        raise ModelFileError(f"{src.path}: tensor {raw!r} is {info.dtype}; expected a floating-point weight")
                     elif info.dtype == target and device.type == "cpu":
                         value = torch.empty(info.shape, dtype=target)
-                        ckpt.read(raw, out=value)  # straight into the parameter
+                        src.read(raw, out=value)  # straight into the parameter
                     else:
-                        src = scratch.get("raw", info.shape, info.dtype, torch.device("cpu"))
-                        ckpt.read(raw, out=src)
+                        staged = scratch.get("raw", info.shape, info.dtype, torch.device("cpu"))
+                        src.read(raw, out=staged)
                         value = torch.empty(info.shape, dtype=target, device=device)
-                        value.copy_(src)
+                        value.copy_(staged)
                     _set_tensor(model, name, value)
                     value = None
             except OSError as exc:
-                raise ModelFileError(f"{path}: reading tensor {raw!r} failed ({exc}); the file is damaged or truncated") from None
+                raise ModelFileError(f"{src.path}: reading tensor {raw!r} failed ({exc}); the file is damaged or truncated") from None
             if merge:
                 lora_report.merged.append(module_name)
+            if name in replace:
+                lora_report.replaced.append(name)
             report.tensors += 1
         leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
         if leftover:  # cannot happen after _check_keys; a guard against silent half-built models
             raise ModelFileError(f"{path}: tensors not materialised: {_listing(leftover)}")
         if lora_report is not None:
             lora_report.merged.sort()
+            lora_report.replaced.sort()
             targets = ("q", "k", "v", "o", "ffn.0", "ffn.2")
             lora_report.uncovered = [
                 n for n, m in model.named_modules()
@@ -358,7 +383,7 @@ def load_dit(
     except BaseException:
         # Drop every reference to the half-built model, including those held by the frames of
         # the traceback, so a failed load leaves nothing allocated.
-        model = modules = value = q = scale = w = src = layer = scratch = None  # noqa: F841
+        model = modules = value = q = scale = w = staged = layer = scratch = None  # noqa: F841
         traceback.clear_frames(sys.exc_info()[2])
         _release(device)
         raise

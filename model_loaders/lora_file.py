@@ -7,6 +7,11 @@ without ``base_model.model.``), the same with ComfyUI's ``diffusion_model.`` pre
 ``<stem>.json`` with ``lora_alpha``/``alpha`` and ``r``/``lora_rank``); per-module ``.alpha``
 keys; the engine's known LiveAvatar rule (rank 128 -> alpha 64).
 
+Other tensors in the file (upstream loads LiveAvatar's file non-strictly, so full tensors there
+replace the base model's) are kept as ``full`` (name without prefix -> key in the file); which
+model tensor each replaces, or why it is refused, is decided against the model by
+``liveavatar.lora.replacement_targets`` (``load_dit`` does it before reading any weight).
+
 Only shapes are read up front; the matrices of one module are read when it is merged, so a
 loader can merge each Linear as its weight is materialised.
 """
@@ -20,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..liveavatar.lora import LoraError, LoraPair, parse_lora_state_dict, resolve_alpha
+from ..liveavatar.lora import LoraError, LoraPair, is_lora_key, parse_lora_state_dict, replacement_targets, resolve_alpha
 from .formats import Checkpoint, ModelFileError, open_checkpoint
 
 __all__ = ["LoraFile", "read_lora"]
@@ -53,6 +58,18 @@ class LoraFile:
     _ckpt: Checkpoint
     _raw: dict[tuple[str, str], str]  # (module, "A"/"B") -> raw key in the file
     notes: list[str] = field(default_factory=list)
+    full: dict[str, str] = field(default_factory=dict)  # non-LoRA tensors: name (prefix stripped) -> raw key
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        """The open file, for reading the ``full`` tensors (``checkpoint.read(full[name])``)."""
+        return self._ckpt
+
+    def replacements(self, params: dict[str, tuple[int, ...]], wrapped: set[str]) -> dict[str, str]:
+        """{model tensor: raw key} for the ``full`` tensors (``liveavatar.lora.replacement_targets``)."""
+        names = {raw: name for name, raw in self.full.items()}
+        shapes = {raw: self._ckpt.shape(raw) for raw in names}
+        return replacement_targets(shapes, params, wrapped, name_of=names.__getitem__)
 
     @property
     def scaling(self) -> float:
@@ -72,11 +89,13 @@ class LoraFile:
         return torch.mm(b.to(device, torch.float32), a.to(device, torch.float32), out=out).mul_(self.scaling)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """All matrices as a PEFT state dict (canonical keys), for ``merge_lora``."""
+        """All matrices (and full tensors) as a PEFT state dict (canonical keys), for ``merge_lora``."""
         out = {}
         for module in self.pairs:
             a, b = self.read_pair(module)
             out[f"{module}.lora_A.weight"], out[f"{module}.lora_B.weight"] = a, b
+        for name, key in self.full.items():
+            out[name] = self._ckpt.read(key)
         return out
 
     def close(self) -> None:
@@ -117,16 +136,17 @@ def read_lora(path: str | os.PathLike, alpha: float | None = None) -> LoraFile:
         raw: dict[tuple[str, str], str] = {}
         shapes: dict[str, torch.Tensor] = {}
         file_alphas: dict[str, torch.Tensor] = {}
+        full: dict[str, str] = {}
         for key in ckpt.keys():
             canon = _canonical(key)
             m = _PAIR_KEY.match(canon)
             if m:
                 raw[(m["module"], m["which"])] = key
                 shapes[canon] = torch.empty(ckpt.shape(key), device="meta")
-            elif canon.endswith(".alpha"):
+            elif is_lora_key(canon) and ckpt.infos[key].numel == 1:
                 file_alphas[canon] = ckpt.read(key).float()
             else:
-                shapes[canon] = torch.empty(ckpt.shape(key), device="meta")  # parse reports it by name
+                full[canon] = key  # a full tensor: checked against the model by the loader
         config, config_path = _config_beside(path)
         config_alpha = None
         if config is not None:
@@ -151,7 +171,7 @@ def read_lora(path: str | os.PathLike, alpha: float | None = None) -> LoraFile:
                 )
         elif file_alphas:
             source = "alpha keys in the file"
-        return LoraFile(path, rank, float(resolved), source, pairs, ckpt, raw)
+        return LoraFile(path, rank, float(resolved), source, pairs, ckpt, raw, full=full)
     except BaseException:
         ckpt.close()
         raise

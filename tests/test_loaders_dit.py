@@ -303,6 +303,74 @@ def test_lora_merged_into_comfy_fp8_file(ref, tmp_path):
         assert torch.equal(m8.get_submodule(name).weight.view(torch.uint8), q.view(torch.uint8))
 
 
+
+# A LoRA file as PEFT writes it (get_peft_model_state_dict: no adapter name), with full tensors named
+# as in the PEFT-wrapped model (a wrapped Linear's base tensors under ``base_layer``), which upstream's
+# load_state_dict(strict=False) puts in place of the base tensors before merge_and_unload.
+FULL_TENSORS = ("blocks.0.norm3.weight", "patch_embedding.weight", "casual_audio_encoder.weights",
+                "blocks.1.self_attn.q.base_layer.weight", "blocks.1.self_attn.q.base_layer.bias",
+                "audio_injector.injector.0.o.base_layer.weight")
+
+
+def peft_lora_with_full_tensors(ref: dict, prefix: str, folder: Path, extra: dict | None = None) -> tuple[Path, dict]:
+    state = {k.replace("base_model.model.", prefix).replace(".default", ""): v for k, v in make_lora(ref).items()}
+    gen = torch.Generator().manual_seed(7)
+    full = {}
+    for key in FULL_TENSORS:
+        base = ref[key.replace(".base_layer", "")]
+        full[key] = (torch.randn(base.shape, generator=gen) * 0.05 + 0.5).to(torch.bfloat16)
+    state.update({prefix + k: v for k, v in {**full, **(extra or {})}.items()})
+    folder.mkdir()
+    save_file(state, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    return folder / "adapter_model.safetensors", full
+
+
+@pytest.mark.parametrize("prefix", ["base_model.model.", ""])
+@pytest.mark.parametrize("layout", ["sharded", "prefixed"])
+def test_lora_file_with_full_tensors_replaces_then_merges(prefix, layout, ref, tmp_path):
+    path, cfg = write_layout(layout, ref, tmp_path)
+    lora_path, full = peft_lora_with_full_tensors(ref, prefix, tmp_path / "lora")
+    model, report = load_dit(path, lora=lora_path, precision="fp32", config=cfg)
+    replaced = sorted(k.replace(".base_layer", "") for k in FULL_TENSORS)
+    assert report.lora.replaced == replaced and len(report.lora.merged) == len(make_lora(ref)) // 2
+    assert f"replaced {len(replaced)} base tensors" in report.summary()
+    state = model.state_dict()
+    assert torch.equal(state["blocks.0.norm3.weight"], full["blocks.0.norm3.weight"].float())
+    assert torch.equal(state["blocks.1.self_attn.q.bias"], full["blocks.1.self_attn.q.base_layer.bias"].float())
+    lora = read_lora(lora_path)
+    delta = lora.delta("blocks.1.self_attn.q")
+    assert torch.equal(state["blocks.1.self_attn.q.weight"], full["blocks.1.self_attn.q.base_layer.weight"].float() + delta)
+    untouched = [k for k in ref if k not in replaced and k[: -len(".weight")] not in lora.pairs]
+    assert untouched and all(torch.equal(state[k], ref[k]) for k in untouched)
+    # the engine's merge_lora on the same file gives the same model, in every precision
+    base, _ = load_dit(path, precision="fp32", config=cfg)
+    engine = merge_lora(base, lora.state_dict(), config_alpha=8.0)
+    assert engine.replaced == replaced
+    assert_state_equal(model, base.state_dict())
+    m16, _ = load_dit(path, lora=lora_path, precision="bf16", config=cfg)
+    assert_state_equal(m16, base.cast(torch.bfloat16).state_dict())  # replaced and merged in fp32, then cast
+    m8, r8 = load_dit(path, lora=lora_path, precision="fp8", config=cfg)
+    assert r8.lora.replaced == replaced
+    for name in ("blocks.1.self_attn.q", "audio_injector.injector.0.o"):  # replaced, merged, then quantised
+        q, _ = quantize_fp8(model.get_submodule(name).weight)
+        assert torch.equal(m8.get_submodule(name).weight.view(torch.uint8), q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("prefix", ["base_model.model.", ""])
+def test_lora_file_full_tensor_that_names_nothing_is_refused(prefix, ref, tmp_path):
+    path, cfg = write_layout("prefixed", ref, tmp_path)
+    p = prefix.replace(".", r"\.")
+    cases = {
+        "blocks.7.norm3.weight": (torch.zeros(64), rf"'{p}blocks\.7\.norm3\.weight' is not a PEFT lora_A/lora_B weight and names no tensor"),
+        "blocks.0.self_attn.q.weight": (torch.zeros(64, 64), rf"'{p}blocks\.0\.self_attn\.q\.weight'.*base tensor PEFT names blocks\.0\.self_attn\.q\.base_layer\.weight"),
+        "blocks.0.norm3.bias": (torch.zeros(65), rf"'{p}blocks\.0\.norm3\.bias' replaces blocks\.0\.norm3\.bias of shape \(64,\); found shape \(65,\)"),
+    }
+    for i, (key, (tensor, message)) in enumerate(cases.items()):
+        lora_path, _ = peft_lora_with_full_tensors(ref, prefix, tmp_path / f"lora{i}", extra={key: tensor})
+        with pytest.raises(ModelFileError, match=rf"adapter_model\.safetensors: LoRA key {message}.*checked against the DiT s2v_prefixed\.safetensors"):
+            load_dit(path, lora=lora_path, config=cfg)
+
 @pytest.mark.golden
 def test_golden_dit_and_lora_sha256(golden_dir):
     d = golden_subdir(golden_dir, "dit")
@@ -427,6 +495,32 @@ def test_failed_load_leaves_nothing_allocated(ref, tmp_path):
     gc.collect()
     assert (_count(LiveAvatarTransformer), _count(torch.nn.Parameter)) == before
 
+
+
+def test_meta_model_at_full_size_costs_nothing():
+    """The 14B model on meta (accelerate's init_empty_weights + our skip of the initialisers):
+    every tensor on meta, none trainable, no sympy import (what the initialisers alone cost)."""
+    code = textwrap.dedent(
+        """
+        import importlib.util, sys
+        import psutil
+        spec = importlib.util.spec_from_file_location("_b", sys.argv[1] + "/liveavatar/bootstrap.py")
+        boot = importlib.util.module_from_spec(spec); spec.loader.exec_module(boot); boot.load_pack(sys.argv[1])
+        from liveavatar_pack.liveavatar.config import WAN_S2V_14B
+        from liveavatar_pack.model_loaders.dit import empty_model
+        rss = psutil.Process().memory_info().rss
+        model = empty_model(WAN_S2V_14B)
+        tensors = list(model.parameters()) + list(model.buffers())
+        assert sum(t.numel() for t in tensors) > 14e9
+        assert all(t.is_meta for t in tensors) and not any(p.requires_grad for p in model.parameters())
+        assert "sympy" not in sys.modules, "a meta initialiser ran its decomposition"
+        grew = psutil.Process().memory_info().rss - rss
+        assert grew < 64 * 2**20, grew
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 # ----------------------------------------------------------------------------- memory
 RSS_SCRIPT = textwrap.dedent(

@@ -80,3 +80,63 @@ def test_non_lora_key_refused():
     model = tiny_transformer(0)
     with pytest.raises(LoraError, match="not a PEFT"):
         merge_lora(model, {"blocks.0.self_attn.q.weight": torch.zeros(64, 64)}, config_alpha=1.0)
+
+
+# ----------------------------------------------------------------------------- full tensors
+# Keys exactly as PEFT writes them for a Wan DiT: get_peft_model_state_dict drops the adapter name
+# (``<m>.lora_A.weight``); the wrapped model's own state dict names a wrapped Linear's base tensors
+# ``<m>.base_layer.weight`` / ``.bias`` and everything else by its plain name (checked against
+# peft 0.21.2's get_peft_model on the tiny DiT with target_modules q,k,v,o,ffn.0,ffn.2).
+def peft_file(model, names, full, prefix, rank=4, seed=0):
+    state = lora_for(model, names, rank=rank, prefix=prefix, adapter="", seed=seed)
+    return {**state, **{prefix + k: v for k, v in full.items()}}
+
+
+@pytest.mark.parametrize("prefix", ["base_model.model.", ""])
+def test_full_tensors_replace_base_tensors_before_the_merge(prefix):
+    model = tiny_transformer(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(5)
+    full = {  # a norm, the patch embedding, and the base weight + bias of a LoRA-wrapped Linear
+        "blocks.0.norm3.weight": torch.randn(before["blocks.0.norm3.weight"].shape, generator=gen),
+        "patch_embedding.weight": torch.randn(before["patch_embedding.weight"].shape, generator=gen),
+        "blocks.1.self_attn.q.base_layer.weight": torch.randn(before["blocks.1.self_attn.q.weight"].shape, generator=gen),
+        "blocks.1.self_attn.q.base_layer.bias": torch.randn(before["blocks.1.self_attn.q.bias"].shape, generator=gen),
+    }
+    state = peft_file(model, ["blocks.1.self_attn.q", "blocks.0.ffn.0"], full, prefix)
+    report = merge_lora(model, state, config_alpha=8.0)
+    after = model.state_dict()
+
+    def delta(m):
+        return (state[f"{prefix}{m}.lora_B.weight"] @ state[f"{prefix}{m}.lora_A.weight"]) * 2.0
+
+    assert torch.equal(after["blocks.0.norm3.weight"], full["blocks.0.norm3.weight"])
+    assert torch.equal(after["patch_embedding.weight"], full["patch_embedding.weight"])
+    # replaced first, then merged (upstream: load_state_dict(strict=False), then merge_and_unload)
+    assert torch.equal(after["blocks.1.self_attn.q.weight"], full["blocks.1.self_attn.q.base_layer.weight"] + delta("blocks.1.self_attn.q"))
+    assert torch.equal(after["blocks.1.self_attn.q.bias"], full["blocks.1.self_attn.q.base_layer.bias"])
+    assert torch.equal(after["blocks.0.ffn.0.weight"], before["blocks.0.ffn.0.weight"] + delta("blocks.0.ffn.0"))
+    touched = {"blocks.0.norm3.weight", "patch_embedding.weight", "blocks.1.self_attn.q.weight", "blocks.1.self_attn.q.bias",
+               "blocks.0.ffn.0.weight"}
+    assert all(torch.equal(after[k], before[k]) for k in before if k not in touched)
+    assert report.replaced == ["blocks.0.norm3.weight", "blocks.1.self_attn.q.bias", "blocks.1.self_attn.q.weight",
+                               "patch_embedding.weight"]
+    assert report.merged == ["blocks.0.ffn.0", "blocks.1.self_attn.q"]
+    assert "replaced 4 base tensors" in report.summary()
+
+
+@pytest.mark.parametrize("prefix", ["base_model.model.", ""])
+@pytest.mark.parametrize("key,shape,message", [
+    pytest.param("blocks.9.norm3.weight", (64,), r"'{p}blocks\.9\.norm3\.weight' is not a PEFT lora_A/lora_B weight and names no tensor", id="names-nothing"),
+    pytest.param("blocks.0.norm3.base_layer.weight", (64,), r"'{p}blocks\.0\.norm3\.base_layer\.weight' .*names no tensor", id="base-layer-of-unwrapped"),
+    pytest.param("blocks.0.self_attn.q.weight", (64, 64), r"'{p}blocks\.0\.self_attn\.q\.weight' .*blocks\.0\.self_attn\.q\.base_layer\.weight", id="plain-name-of-wrapped"),
+    pytest.param("blocks.0.norm3.weight", (32,), r"'{p}blocks\.0\.norm3\.weight' replaces blocks\.0\.norm3\.weight of shape \(64,\); found shape \(32,\)", id="wrong-shape"),
+])
+def test_full_tensor_that_names_nothing_upstream_would_load_is_refused(prefix, key, shape, message):
+    model = tiny_transformer(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = peft_file(model, ["blocks.0.self_attn.q"], {key: torch.zeros(shape)}, prefix)
+    with pytest.raises(LoraError, match=message.format(p=prefix.replace(".", r"\."))):
+        merge_lora(model, state, config_alpha=4.0)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
