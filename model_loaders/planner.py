@@ -32,6 +32,8 @@ from .placement import PlacementConfig, dtype_name
 
 GiB = 1024**3
 PRECISIONS = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+# bytes per parameter outside the fp8 Linears (fp8: bf16, the compute dtype of FP8Linear)
+STORAGE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
 FP8_SCOPES = ("blocks", "audio_injector")
 
 
@@ -168,8 +170,8 @@ def weight_bytes(cfg: DiTConfig, precision: str) -> WeightCount:
             nbytes = 4 * p.numel()
         elif precision == "fp8" and name in linear_weights:
             nbytes = p.numel() + 4  # float8 values + one float32 scale per tensor
-        else:
-            nbytes = min(PRECISIONS[precision], 2) * p.numel() if precision != "fp32" else 4 * p.numel()
+        else:  # everything else in the storage dtype; fp8 keeps it in bf16 (load_dit's _target_dtype)
+            nbytes = STORAGE_BYTES[precision] * p.numel()
         if parts[0] == "blocks":
             if parts[1] == "0":
                 block += nbytes

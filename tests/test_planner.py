@@ -47,6 +47,26 @@ def test_weights_are_exact(precision, dtype):
     assert plan.term("weights") == param_bytes(model)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "fp8"])
+def test_weights_equal_what_load_dit_allocates(tmp_path, precision):
+    """The planner's weight terms against the bytes ``load_dit`` really allocates, for a tiny model
+    written to disk: fp8 keeps the blocks' and injectors' Linears in fp8 (+ one float32 scale each)
+    and every other tensor in bf16 (keep_in_fp32 modules in float32)."""
+    from safetensors.torch import save_file
+
+    from liveavatar_pack.model_loaders.dit import load_dit
+
+    path = tmp_path / "dit.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_transformer(0).state_dict().items()}, path)
+    model, report = load_dit(path, precision=precision, config=TINY)
+    w = weight_bytes(TINY, precision)
+    assert w.block == param_bytes(model.blocks[0])
+    assert w.total(TINY.num_layers) == param_bytes(model) == report.model_bytes
+    assert w.base_params + TINY.num_layers * w.block_params == sum(p.numel() for p in tiny_transformer(0).parameters())
+    plan = plan_memory(TINY, precision, 8 * W, 8 * H, SCFG, PlacementConfig(device="cpu"))
+    assert plan.term("weights") == param_bytes(model)
+
+
 @pytest.mark.parametrize(
     "kv_dtype,heads",
     [(None, None), (torch.float8_e4m3fn, None), (None, (0, 2))],
