@@ -737,9 +737,57 @@ def _explain(chosen: _Tried | None, best: _Tried, tried: list[_Tried], allow_fp8
     return lines
 
 
+# ---------------------------------------------------------------------------- generate's pre-load check
+def dit_config_of(path) -> DiTConfig:
+    """A DiT checkpoint's configuration from its header alone (config.json beside it, else its shapes)."""
+    from .dit import infer_dit_config
+    from .formats import ModelFileError, open_checkpoint
+
+    with open_checkpoint(path) as ckpt:
+        if ckpt.config is not None:
+            try:
+                return DiTConfig.from_dict(ckpt.config)
+            except TypeError as exc:
+                raise ModelFileError(f"{ckpt.path}/config.json: expected a DiT configuration; found {exc}") from None
+        shapes = {n: ckpt.shape(k) for n, k in ckpt.model_keys().items()}
+        try:
+            return infer_dit_config(shapes)
+        except ValueError as exc:
+            raise ModelFileError(f"{ckpt.path}: cannot infer the DiT configuration: {exc}") from None
+
+
+def preload_host_check(dit_path, precision: str, width: int, height: int, sampler_cfg: SamplerConfig,
+                       device, host_ram_gib: float | None = None, margin: float = 0.05) -> Verdict:
+    """Before ``generate`` loads anything: does its single-process run fit the host RAM?
+
+    ``generate`` keeps the DiT, its caches and the VAE on ``device`` (no placement) and frees each
+    encoder after use, so the host holds the planner's host terms without the encoders' copy, plus,
+    on a CPU, every device term (the CPU is the device; no CUDA reserve). host_ram_gib None: what
+    the system reports available now."""
+    device = torch.device(device)
+    if host_ram_gib is None:
+        host_ram_gib = available_host_ram_gib()
+    cfg = dit_config_of(dit_path)
+    plan = plan_memory(cfg, precision, width, height, sampler_cfg, PlacementConfig(device=str(device)))
+    terms = [t for t in plan.host if not t.name.startswith("encoders")]
+    if device.type == "cpu":
+        terms += [t for d in plan.devices for t in d.terms if t.name not in ("runtime reserve", "encoders (resident)")]
+    need = sum(t.bytes for t in terms)
+    if host_ram_gib is None:
+        return Verdict(True, f"host RAM: needs ~{need / GiB:.2f} GiB (available RAM unknown: psutil missing)", 0.0)
+    spare = (host_ram_gib * GiB * (1 - margin) - need) / GiB
+    what = f"{width}x{height}, {precision} DiT of dim {cfg.dim} x {cfg.num_layers} layers on {device}"
+    if spare >= 0:
+        return Verdict(True, f"host RAM: {what} needs ~{need / GiB:.2f} GiB of {host_ram_gib:.1f} GiB", 0.0, spare)
+    return Verdict(False, f"host RAM: {what} needs ~{need / GiB:.2f} GiB (largest: {_largest(terms)} GiB), "
+                   f"{host_ram_gib:.1f} GiB available (minus a {margin:.0%} margin); use a GPU, a smaller --precision, "
+                   f"--size or --steps, or give --host-ram GIB if more is free", 0.0, spare)
+
+
 __all__ = [
     "GiB", "VAESize", "EncoderSizes", "Term", "DevicePlan", "MemoryPlan", "Verdict", "Geometry",
     "weight_bytes", "geometry", "cache_bytes", "activation_terms", "vae_decode_bytes",
     "plan_memory", "verdict", "choose_placement", "parse_gpus", "parse_size",
     "SpeedModel", "Timing", "block_step_flops", "call_flops", "available_host_ram_gib", "STORAGE_BYTES",
+    "dit_config_of", "preload_host_check",
 ]

@@ -306,3 +306,41 @@ def test_vram_plan_node_inputs(tmp_path, monkeypatch):
         monkeypatch.setattr(planner, "available_host_ram_gib", lambda: 40.0)
         text, chosen = run(VRAMPlan, **common, allow_lossy=False).result[:2]
         assert chosen is None and "host RAM 40.0 GiB" in text
+
+
+# ---------------------------------------------------------------------------- generate's pre-load check
+def test_preload_host_check_counts_the_dit_on_a_cpu(tmp_path):
+    from liveavatar_pack.cli import tiny_models as tm
+    from liveavatar_pack.model_loaders.dit import load_dit
+
+    path = tm.write_dit(tmp_path)[0]  # config read off the header (dim 128: heads inferred)
+    assert planner.dit_config_of(path) == tm.tiny_dit_config()
+    ok = planner.preload_host_check(path, "fp32", 64, 64, SCFG, "cpu", host_ram_gib=64)
+    assert ok.fits and ok.host_headroom < 64 * 0.95
+    need = (64 * 0.95 - ok.host_headroom) * GiB
+    assert need > load_dit(path, precision="fp32")[1].model_bytes  # the weights live in host RAM
+    short = planner.preload_host_check(path, "fp32", 64, 64, SCFG, "cpu", host_ram_gib=need / GiB)
+    assert not short.fits and "host RAM" in short.message and "--host-ram" in short.message
+    # on a GPU generate's default placement keeps nothing big in host RAM
+    gpu = planner.preload_host_check(path, "fp32", 64, 64, SCFG, "cuda", host_ram_gib=need / GiB)
+    assert gpu.fits and gpu.host_headroom == pytest.approx(need / GiB * 0.95)
+
+
+def test_generate_refuses_short_host_ram_before_loading(tmp_path, capsys, monkeypatch):
+    from liveavatar_pack.cli import generate
+    from liveavatar_pack.cli import tiny_models as tm
+
+    tm.write_tiny_models(tmp_path / "models")
+
+    def must_not_load(*a, **k):
+        raise AssertionError("a model was loaded before the host RAM check")
+
+    for name in ("load_text_encoder", "load_wan_vae", "load_audio_encoder", "load_dit"):
+        monkeypatch.setattr(generate, name, must_not_load)
+    inputs = tmp_path / "input" if (tmp_path / "input").is_dir() else tmp_path / "models" / "input"
+    code = cli_main(["generate", "--models", str(tmp_path / "models"), "--image", str(inputs / tm.IMAGE_FILE),
+                     "--audio", str(inputs / tm.SPEECH_FILE), "--size", "128*128", "--device", "cpu",
+                     "--out", str(tmp_path / "out.mp4"), "--host-ram", "0.001"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "host RAM" in err and "0.0 GiB available" in err and not (tmp_path / "out.mp4").exists()
