@@ -16,7 +16,13 @@ the encoder/VAE sizes), never from hard-wired 14B numbers:
   kept resident, and a fixed runtime reserve (CUDA context, cuBLAS workspace, allocator).
 
 Exact terms (weights, KV, sink, text K/V) equal what the engine allocates; tests/test_planner.py
-checks them against tiny models and the activation estimate against a measured peak.
+checks them against tiny models (weights against ``load_dit`` in every precision) and the
+activation estimate against a measured peak.
+
+``choose_placement`` picks, among every placement the engine offers, the fastest one that fits the
+GPUs and the host RAM, by a predicted time per DiT call (``Timing``: copies / bandwidth against
+FLOPs / throughput, two stated assumptions in ``SpeedModel``); fp8 KV caches are the one lossy
+choice and can be forbidden. ``plan.choice`` says what limited the choice.
 """
 from __future__ import annotations
 
