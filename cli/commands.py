@@ -55,7 +55,8 @@ class Demo:
 
 
 class Plan:
-    """Predict per-GPU and host memory before loading anything; pick a placement that fits."""
+    """Predict per-GPU and host memory before loading anything; pick the fastest placement that fits
+    the GPUs and the host RAM, by a predicted time per DiT call (its assumptions printed)."""
 
     name = "plan"
 

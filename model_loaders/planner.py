@@ -289,7 +289,8 @@ class Timing:
     """Predicted time of one DiT call (one block, one step) on the busiest device.
 
     Copies (block swap, host KV caches) run on a side stream while the previous block / layer
-    computes, so with prefetch a call takes max(copy, compute); without, copy + compute.
+    computes, so with prefetch a call takes max(copy, compute); without, copy + compute. Not
+    counted: sp's weight gathers (device to device), fp8 KV decoding and other elementwise work.
     """
 
     flops: int

@@ -259,6 +259,14 @@ def test_1x48_fp8_keeps_fp8_kv_caches_on_the_card():
     assert any("limited by exact" in line for line in eplan.choice)
 
 
+def test_cli_plan_1x48_fp8_moves_under_1_gib(capsys):
+    assert cli_main(["plan", "--gpus", "1x48", "--size", "704*384", "--precision", "fp8", "--host-ram", "64"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("host->device traffic per DiT call:"))
+    assert float(line.split(":")[1].split()[0]) < 1
+    assert "-- host RAM" in out and host_total_printed(out) <= 64
+
+
 def test_choice_follows_the_predicted_time():
     """Copies hidden behind slow compute cost nothing: then the exact placement wins the tie; with
     fast compute the same copies dominate and halving them (fp8 KV caches) is chosen."""
