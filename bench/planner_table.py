@@ -41,6 +41,7 @@ ROWS = (
     Row("1x24", "single", "704*384", "fp8", host_ram=32, steps=3),
     Row("1x24", "single", "704*384", "fp8", tflops=100),
     Row("1x48", "single", "704*384", "bf16"),
+    Row("1x48", "single", "704*384", "bf16", host_ram=32),
     Row("1x48", "single", "704*384", "fp8"),
     Row("1x48", "single", "704*384", "fp8", exact=True),
     Row("1x80", "single", "704*384", "bf16"),
