@@ -32,7 +32,7 @@ the steady state the FLOP count assumes):
   next to the VRAM planner's prediction (``plan_memory``, runtime reserve included) and
   the ratio planner / measured (goal: within 10%);
 * host RAM: process RSS (psutil), maximum over samples taken at every block;
-* TFLOP/s and MFU against the GPU's dense bf16 peak, from ``block_step_flops`` (below).
+* TFLOP/s and MFU against the GPU's dense bf16 peak, from ``block_step_flops`` (the planner's FLOP count).
 
 ``--smoke`` runs the same code on the CPU with a scaled-down model (dim 256, 4 layers, 2 heads
 of 128, 64*64 pixels, one 12-frame block per clip, 2 steps, tiny
@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import platform
 import sys
 import time
@@ -72,7 +71,7 @@ from liveavatar_pack.liveavatar.kv_cache import CacheStorage  # noqa: E402
 from liveavatar_pack.model_loaders.dit import empty_model  # noqa: E402
 from liveavatar_pack.model_loaders.fp8 import FP8Linear, fp8_matmul_supported, fp8_target_names, quantize_fp8_into, replace_linears  # noqa: E402
 from liveavatar_pack.model_loaders.placement import PlacementConfig, apply_placement  # noqa: E402
-from liveavatar_pack.model_loaders.planner import GiB, VAESize, choose_placement, geometry, parse_size, plan_memory  # noqa: E402
+from liveavatar_pack.model_loaders.planner import GiB, VAESize, block_step_flops, choose_placement, geometry, parse_size, plan_memory  # noqa: E402
 
 SMOKE_CFG = DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=4, text_dim=64, audio_dim=64, audio_inject_layers=(0, 2))
 SMOKE_SIZES = "64*64"
@@ -100,56 +99,6 @@ GPU_PEAKS = (
 
 
 # ============================================================================ FLOP count
-def block_step_flops(cfg: DiTConfig, scfg: SamplerConfig, width: int, height: int) -> dict[str, int]:
-    """Model FLOPs of one ``forward_block`` in the steady state (KV window full), by term.
-
-    Counting rule: 2 FLOPs per multiply-add of every matmul and convolution (what
-    ``torch.utils.flop_counter`` counts; bias adds, norms, RoPE, softmax and other elementwise
-    work are not counted). With L block tokens, K = window + sink keys, d = dim, f = ffn_dim,
-    T = text_len, A = audio tokens per frame (num_audio_token + 1), F latent frames per block:
-
-    * per layer: q, k, v, o projections 4 * 2Ld^2; self-attention QK^T and PV 2 * 2LKd;
-      text cross-attention q, o 2 * 2Ld^2 and attention 4LTd (its keys/values are computed once
-      per video by ``embed_text``, not per step); FFN 2 * 2Ldf;
-    * per audio-injector layer: AdaLN 2F*d*2d, q, o 2 * 2Ld^2, k, v of the F*A audio tokens
-      2 * 2FAd^2, attention (each frame to its own tokens) 4LAd;
-    * once: patch embedding 2L*d*in_dim*prod(patch), head 2L*d*out_dim*prod(patch), time
-      embedding/projection 2F(freq*d + d^2 + 6d^2), and the causal audio encoder's convolutions
-      over motion_video_frames + frames_per_block feature steps.
-    """
-    g = geometry(cfg, scfg, width, height)
-    d, f, nf = cfg.dim, cfg.ffn_dim, scfg.latent_frames_per_block
-    L, K, T = g.block_tokens, g.window_tokens + g.sink_tokens, cfg.text_len
-    A = cfg.num_audio_token + 1
-    layers, inj = cfg.num_layers, len(cfg.audio_inject_layers)
-    patch = math.prod(cfg.patch_size)
-
-    def lin(rows, i, o):
-        return 2 * rows * i * o
-
-    # causal audio encoder: Conv1d(k=3, left pad 2) stacks; conv_flops = 2 * out_len * cout * cin * k
-    ta = scfg.motion_video_frames + scfg.frames_per_block
-    t2 = (ta - 1) // 2 + 1  # stride 2
-    t3 = (t2 - 1) // 2 + 1
-    ntok, q4 = cfg.num_audio_token, d // 4
-    audio_enc = 2 * ta * (q4 * ntok) * cfg.audio_dim * 3 + 2 * ta * q4 * cfg.audio_dim * 3
-    audio_enc += (ntok + 1) * (2 * t2 * (d // 2) * q4 * 3 + 2 * t3 * d * (d // 2) * 3)
-    audio_enc += lin(t3, d, d)  # final_linear on the global branch
-
-    return {
-        "self_attn_proj": layers * 4 * lin(L, d, d),
-        "self_attn": layers * 4 * L * K * d,
-        "text_cross_proj": layers * 2 * lin(L, d, d),
-        "text_cross_attn": layers * 4 * L * T * d,
-        "ffn": layers * (lin(L, d, f) + lin(L, f, d)),
-        "audio_inject_proj": inj * (lin(nf, d, 2 * d) + 2 * lin(L, d, d) + 2 * lin(nf * A, d, d)),
-        "audio_inject_attn": inj * 4 * L * A * d,
-        "embed_head_time": 2 * L * d * cfg.in_dim * patch + lin(L, d, cfg.out_dim * patch)
-        + lin(nf, cfg.freq_dim, d) + lin(nf, d, d) + lin(nf, d, 6 * d),
-        "audio_encoder": audio_enc,
-    }
-
-
 def counted_block_step_flops(model: LiveAvatarTransformer, scfg: SamplerConfig, width: int, height: int) -> int:
     """FLOPs of one steady-state ``forward_block`` as ``FlopCounterMode`` counts them (math SDPA,
     which decomposes into counted matmuls; CPU fused attention kernels are not counted)."""

@@ -55,7 +55,8 @@ class Demo:
 
 
 class Plan:
-    """Predict per-GPU and host memory before loading anything; pick a placement that fits."""
+    """Predict per-GPU and host memory before loading anything; pick the fastest placement that fits
+    the GPUs and the host RAM, by a predicted time per DiT call (its assumptions printed)."""
 
     name = "plan"
 
@@ -73,6 +74,14 @@ class Plan:
         p.add_argument("--kv-dtype", help="KV cache dtype, e.g. float8_e4m3fn (default: the model's)")
         p.add_argument("--offload", action="store_true", help="offload the model between uses")
         p.add_argument("--no-prefetch", action="store_true")
+        p.add_argument("--host-ram", type=float, metavar="GIB",
+                       help="host RAM the run may use, GiB (default: what the system reports available now; 0: no limit)")
+        p.add_argument("--exact", action="store_true",
+                       help="forbid lossy placements (fp8 KV caches); fp8 weights stay your --precision choice")
+        p.add_argument("--bandwidth", type=float, default=25.0, metavar="GBPS",
+                       help="assumed host->GPU copy rate, GB/s, for the predicted time (default 25: PCIe 4.0 x16)")
+        p.add_argument("--tflops", type=float, default=400.0, metavar="TFLOPS",
+                       help="assumed sustained DiT throughput, TFLOP/s, for the predicted time (default 400)")
         p.set_defaults(run=self.run)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -80,9 +89,19 @@ class Plan:
 
         from ..liveavatar.config import PRESETS, DiTConfig, SamplerConfig
         from ..model_loaders.placement import PlacementConfig
-        from ..model_loaders.planner import choose_placement, parse_gpus, parse_size, plan_memory, verdict
+        from ..model_loaders.planner import (SpeedModel, available_host_ram_gib, choose_placement, parse_gpus,
+                                             parse_size, plan_memory, verdict)
 
         try:
+            speed = SpeedModel(args.bandwidth, args.tflops)
+            if args.host_ram is not None and args.host_ram < 0:
+                raise ValueError(f"--host-ram must be >= 0 GiB (0: no limit), got {args.host_ram}")
+            if args.host_ram is None:
+                host_ram, host_src = available_host_ram_gib(), "available now (psutil; override with --host-ram)"
+            else:
+                host_ram, host_src = (args.host_ram or None), "--host-ram"
+            if host_ram is None:
+                host_src = "not limited" + (" (psutil missing; give --host-ram)" if args.host_ram is None else "")
             gpus = parse_gpus(args.gpus)
             width, height = parse_size(args.size)
             scfg = SamplerConfig(steps=args.steps)
@@ -100,13 +119,16 @@ class Plan:
                 placement = PlacementConfig(
                     blocks_on_device=args.blocks_on_device, kv_cache_device=args.kv_device or "device",
                     kv_cache_dtype=args.kv_dtype, offload_model_between_uses=args.offload, prefetch=not args.no_prefetch)
-                plan = plan_memory(dit, args.precision, width, height, scfg, placement, world, mode, model_name=name)
+                plan = plan_memory(dit, args.precision, width, height, scfg, placement, world, mode, model_name=name,
+                                   speed=speed)
             else:
-                placement, plan = choose_placement(dit, args.precision, width, height, scfg, gpus, mode, model_name=name)
+                placement, plan = choose_placement(dit, args.precision, width, height, scfg, gpus, mode, model_name=name,
+                                                   allow_fp8_kv=not args.exact, host_ram_gib=host_ram, speed=speed)
         except ValueError as err:
             raise UserError(str(err)) from err
         print(plan.table())
-        v = verdict(plan, gpus)
+        print(f"host RAM limit: {f'{host_ram:.1f} GiB ({host_src})' if host_ram else host_src}")
+        v = verdict(plan, gpus, host_ram)
         if not given:
             print(f"chosen placement: {placement.to_dict() if placement else 'none fits'}")
         print(v.message)

@@ -17,6 +17,7 @@ from ..liveavatar.video import check_writable
 from ..model_loaders.audio_encoder import load_audio_encoder
 from ..model_loaders.dit import load_dit
 from ..model_loaders.model_dir import find_model_files
+from ..model_loaders.planner import preload_host_check
 from ..model_loaders.text_encoder import load_text_encoder
 from ..model_loaders.vae import load_wan_vae
 from .progress import BlockProgress
@@ -39,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for part in ("dit", "lora", "vae", "text-encoder", "tokenizer", "audio-encoder"):
         p.add_argument(f"--{part}", default=None, help=f"explicit path of the {part.replace('-', ' ')} (overrides --models)")
     p.add_argument("--out", required=True, help="output MP4")
+    p.add_argument("--host-ram", type=float, default=None, metavar="GIB",
+                   help="host RAM the run may use, GiB (default: what the system reports available; 0: no check); "
+                        "checked before loading")
     add_worker_arguments(p)
 
 
@@ -67,6 +71,10 @@ def run_generate(args: argparse.Namespace) -> Path:
     print("\n".join(files.report()), file=sys.stderr, flush=True)  # which file each part is, and what was passed over
     parse_size(args.size)
     pixels = load_reference_image(args.image, args.size)
+    if not args.workers and args.host_ram != 0:  # host RAM, by the planner (workers: ranks in their own processes)
+        ram = preload_host_check(files.dit, precision, pixels.shape[-1], pixels.shape[-2], cfg, device, args.host_ram)
+        if not ram.fits:
+            raise ValueError(ram.message)
     waveform = load_audio(args.audio)
     tokenizer = load_tokenizer(files.tokenizer)
     ids, mask = tokenize(tokenizer, args.prompt)

@@ -16,7 +16,13 @@ the encoder/VAE sizes), never from hard-wired 14B numbers:
   kept resident, and a fixed runtime reserve (CUDA context, cuBLAS workspace, allocator).
 
 Exact terms (weights, KV, sink, text K/V) equal what the engine allocates; tests/test_planner.py
-checks them against tiny models and the activation estimate against a measured peak.
+checks them against tiny models (weights against ``load_dit`` in every precision) and the
+activation estimate against a measured peak.
+
+``choose_placement`` picks, among every placement the engine offers, the fastest one that fits the
+GPUs and the host RAM, by a predicted time per DiT call (``Timing``: copies / bandwidth against
+FLOPs / throughput, two stated assumptions in ``SpeedModel``); fp8 KV caches are the one lossy
+choice and can be forbidden. ``plan.choice`` says what limited the choice.
 """
 from __future__ import annotations
 
@@ -32,6 +38,8 @@ from .placement import PlacementConfig, dtype_name
 
 GiB = 1024**3
 PRECISIONS = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+# bytes per parameter outside the fp8 Linears (fp8: bf16, the compute dtype of FP8Linear)
+STORAGE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
 FP8_SCOPES = ("blocks", "audio_injector")
 
 
@@ -87,6 +95,8 @@ class MemoryPlan:
     host: list[Term]
     encode_phase: list[Term] = field(default_factory=list)  # device peak while encoders run (before sampling)
     traffic_per_forward: int = 0  # host -> device bytes per DiT call (block swap + host KV)
+    timing: "Timing | None" = None  # predicted time per DiT call (see SpeedModel)
+    choice: list[str] = field(default_factory=list)  # how choose_placement chose, what limited it
 
     @property
     def peak_device(self) -> int:
@@ -123,9 +133,13 @@ class MemoryPlan:
         for t in self.host:
             lines.append(f"   {t.name:<26}{t.bytes / GiB:>8.2f} GiB  {t.note}")
         lines.append(f"   {'TOTAL':<26}{self.host_total / GiB:>8.2f} GiB")
-        if self.traffic_per_forward:
-            lines.append(f"host->device traffic per DiT call: {self.traffic_per_forward / GiB:.2f} GiB")
+        lines.append(f"host->device traffic per DiT call: {self.traffic_per_forward / GiB:.2f} GiB")
+        if self.timing is not None:
+            lines += self.timing.lines()
         lines.append("(~ = estimate; other terms are exact byte counts of what the engine allocates)")
+        if self.choice:
+            lines.append("-- choice")
+            lines += [f"   {c}" for c in self.choice]
         return "\n".join(lines)
 
 
@@ -168,8 +182,8 @@ def weight_bytes(cfg: DiTConfig, precision: str) -> WeightCount:
             nbytes = 4 * p.numel()
         elif precision == "fp8" and name in linear_weights:
             nbytes = p.numel() + 4  # float8 values + one float32 scale per tensor
-        else:
-            nbytes = min(PRECISIONS[precision], 2) * p.numel() if precision != "fp32" else 4 * p.numel()
+        else:  # everything else in the storage dtype; fp8 keeps it in bf16 (load_dit's _target_dtype)
+            nbytes = STORAGE_BYTES[precision] * p.numel()
         if parts[0] == "blocks":
             if parts[1] == "0":
                 block += nbytes
@@ -248,6 +262,137 @@ def vae_decode_bytes(vae: VAESize, scfg: SamplerConfig, width: int, height: int)
     return vae.params * vae.dtype_bytes, work + cache
 
 
+# ---------------------------------------------------------------------------- speed
+@dataclass(frozen=True)
+class SpeedModel:
+    """The two assumptions behind a predicted time per DiT call; printed with every plan.
+
+    bandwidth_gbps: host->device copy rate, GB/s (pinned memory over PCIe 4.0 x16: ~25 of its 32
+    theoretical). tflops: sustained model FLOP rate, TFLOP/s (400: ~40% of an H100/H200's 989 dense
+    bf16; a 24 GB desktop card sustains far less). Neither is measured here: override both with
+    what ``bench/bench_fullsize.py`` measures on the GPU at hand.
+    """
+
+    bandwidth_gbps: float = 25.0
+    tflops: float = 400.0
+
+    def __post_init__(self) -> None:
+        if not (self.bandwidth_gbps > 0 and self.tflops > 0):
+            raise ValueError(f"bandwidth and TFLOP/s must be > 0, got {self.bandwidth_gbps} GB/s, {self.tflops} TFLOP/s")
+
+    def describe(self) -> str:
+        return f"{self.bandwidth_gbps:g} GB/s host->device, {self.tflops:g} TFLOP/s sustained"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Predicted time of one DiT call (one block, one step) on the busiest device.
+
+    Copies (block swap, host KV caches) run on a side stream while the previous block / layer
+    computes, so with prefetch a call takes max(copy, compute); without, copy + compute. Not
+    counted: sp's weight gathers (device to device), fp8 KV decoding and other elementwise work.
+    """
+
+    flops: int
+    copy_bytes: int
+    speed: SpeedModel
+    overlap: bool
+    calls_per_block: int  # DiT calls per block on the busiest rank (steps; tpp: that rank's steps)
+    frames_per_block: int
+
+    @property
+    def compute_s(self) -> float:
+        return self.flops / (self.speed.tflops * 1e12)
+
+    @property
+    def copy_s(self) -> float:
+        return self.copy_bytes / (self.speed.bandwidth_gbps * 1e9)
+
+    @property
+    def call_s(self) -> float:
+        return max(self.compute_s, self.copy_s) if self.overlap else self.compute_s + self.copy_s
+
+    @property
+    def fps(self) -> float:
+        return self.frames_per_block / (self.calls_per_block * self.call_s)
+
+    @property
+    def bound(self) -> str:
+        return "copy-bound" if self.copy_s > self.compute_s else "compute-bound"
+
+    def lines(self) -> list[str]:
+        how = "max(copy, compute): copies overlap compute" if self.overlap else "copy + compute: no prefetch"
+        return [
+            f"predicted time per DiT call: {self.call_s:.3f} s ({self.bound}; {how}) -> ~{self.fps:.1f} fps "
+            f"(DiT only, {self.calls_per_block} call(s) per {self.frames_per_block}-frame block)",
+            f"   copy {self.copy_bytes / GiB:.2f} GiB / {self.speed.bandwidth_gbps:g} GB/s = {self.copy_s:.3f} s; "
+            f"compute {self.flops / 1e12:.1f} TFLOP / {self.speed.tflops:g} TFLOP/s = {self.compute_s:.3f} s",
+            f"   assumptions: {self.speed.describe()} (plan --bandwidth GBPS --tflops TFLOPS)",
+        ]
+
+
+def block_step_flops(cfg: DiTConfig, scfg: SamplerConfig, width: int, height: int) -> dict[str, int]:
+    """Model FLOPs of one ``forward_block`` in the steady state (KV window full), by term.
+
+    Counting rule: 2 FLOPs per multiply-add of every matmul and convolution (what
+    ``torch.utils.flop_counter`` counts; bias adds, norms, RoPE, softmax and other elementwise
+    work are not counted). With L block tokens, K = window + sink keys, d = dim, f = ffn_dim,
+    T = text_len, A = audio tokens per frame (num_audio_token + 1), F latent frames per block:
+
+    * per layer: q, k, v, o projections 4 * 2Ld^2; self-attention QK^T and PV 2 * 2LKd;
+      text cross-attention q, o 2 * 2Ld^2 and attention 4LTd (its keys/values are computed once
+      per video by ``embed_text``, not per step); FFN 2 * 2Ldf;
+    * per audio-injector layer: AdaLN 2F*d*2d, q, o 2 * 2Ld^2, k, v of the F*A audio tokens
+      2 * 2FAd^2, attention (each frame to its own tokens) 4LAd;
+    * once: patch embedding 2L*d*in_dim*prod(patch), head 2L*d*out_dim*prod(patch), time
+      embedding/projection 2F(freq*d + d^2 + 6d^2), and the causal audio encoder's convolutions
+      over motion_video_frames + frames_per_block feature steps.
+
+    ``bench/bench_fullsize.py`` checks it against ``FlopCounterMode`` (tests/test_bench_fullsize.py).
+    """
+    g = geometry(cfg, scfg, width, height)
+    d, f, nf = cfg.dim, cfg.ffn_dim, scfg.latent_frames_per_block
+    L, K, T = g.block_tokens, g.window_tokens + g.sink_tokens, cfg.text_len
+    A = cfg.num_audio_token + 1
+    layers, inj = cfg.num_layers, len(cfg.audio_inject_layers)
+    patch = math.prod(cfg.patch_size)
+
+    def lin(rows, i, o):
+        return 2 * rows * i * o
+
+    # causal audio encoder: Conv1d(k=3, left pad 2) stacks; conv_flops = 2 * out_len * cout * cin * k
+    ta = scfg.motion_video_frames + scfg.frames_per_block
+    t2 = (ta - 1) // 2 + 1  # stride 2
+    t3 = (t2 - 1) // 2 + 1
+    ntok, q4 = cfg.num_audio_token, d // 4
+    audio_enc = 2 * ta * (q4 * ntok) * cfg.audio_dim * 3 + 2 * ta * q4 * cfg.audio_dim * 3
+    audio_enc += (ntok + 1) * (2 * t2 * (d // 2) * q4 * 3 + 2 * t3 * d * (d // 2) * 3)
+    audio_enc += lin(t3, d, d)  # final_linear on the global branch
+
+    return {
+        "self_attn_proj": layers * 4 * lin(L, d, d),
+        "self_attn": layers * 4 * L * K * d,
+        "text_cross_proj": layers * 2 * lin(L, d, d),
+        "text_cross_attn": layers * 4 * L * T * d,
+        "ffn": layers * (lin(L, d, f) + lin(L, f, d)),
+        "audio_inject_proj": inj * (lin(nf, d, 2 * d) + 2 * lin(L, d, d) + 2 * lin(nf * A, d, d)),
+        "audio_inject_attn": inj * 4 * L * A * d,
+        "embed_head_time": 2 * L * d * cfg.in_dim * patch + lin(L, d, cfg.out_dim * patch)
+        + lin(nf, cfg.freq_dim, d) + lin(nf, d, d) + lin(nf, d, 6 * d),
+        "audio_encoder": audio_enc,
+    }
+
+
+def call_flops(cfg: DiTConfig, scfg: SamplerConfig, width: int, height: int, mode: str, world_size: int) -> int:
+    """FLOPs of one DiT call on one rank: sp splits the attention heads (not the linear layers,
+    which run on every rank's full sequence); single and tpp run the whole call on one device."""
+    terms = block_step_flops(cfg, scfg, width, height)
+    if mode == "sp":
+        for name in ("self_attn", "text_cross_attn"):
+            terms[name] //= world_size
+    return sum(terms.values())
+
+
 # ---------------------------------------------------------------------------- the plan
 def plan_memory(
     dit_cfg: DiTConfig,
@@ -263,6 +408,7 @@ def plan_memory(
     encoders_resident: bool = False,
     runtime_reserve: int = int(0.75 * GiB),
     model_name: str | None = None,
+    speed: SpeedModel = SpeedModel(),
 ) -> MemoryPlan:
     """Per-device and host memory of sampling with this configuration (see module docstring)."""
     placement = placement or PlacementConfig()
@@ -359,6 +505,7 @@ def plan_memory(
                 Term("runtime reserve", runtime_reserve, "CUDA context, workspaces, allocator", exact=False)]))
         host_kv = sum(per) * one_kv + dit_ranks * sink if kv_host else 0
         host_w = host_weights * dit_ranks
+        calls = most
     else:
         role = "rank (heads split, weights sharded)" if mode == "sp" else "GPU"
         devices = [dit_device(role + (", decodes" if mode == "sp" else ""), 1, steps, True)]
@@ -366,6 +513,7 @@ def plan_memory(
             devices.append(dit_device(role, world_size - 1, steps, False))
         host_kv = (steps * one_kv + sink) * (world_size if mode == "sp" else 1) if kv_host else 0
         host_w = host_weights
+        calls = steps
 
     host = []
     if host_w:
@@ -392,7 +540,9 @@ def plan_memory(
         "keys_per_layer": g.keys, "steps": steps, "mode": mode, "world_size": world_size,
         "placement": placement.describe(), "placement_dict": placement.to_dict(),
     }
-    return MemoryPlan(settings, devices, host, encode_phase, traffic)
+    timing = Timing(call_flops(cfg, scfg, width, height, mode, world_size), traffic, speed, placement.prefetch,
+                    calls, scfg.frames_per_block)
+    return MemoryPlan(settings, devices, host, encode_phase, traffic, timing)
 
 
 # ---------------------------------------------------------------------------- verdicts
@@ -419,11 +569,26 @@ class Verdict:
     fits: bool
     message: str
     headroom: float  # GiB left on the tightest device (negative: missing)
+    host_headroom: float | None = None  # GiB of host RAM left (None: host RAM not checked)
+
+
+def available_host_ram_gib() -> float | None:
+    """RAM the system reports available now (psutil), GiB; None where psutil is missing."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.virtual_memory().available / GiB
+
+
+def _largest(terms: list[Term], n: int = 3) -> str:
+    return ", ".join(f"{t.name} {t.bytes / GiB:.1f}" for t in sorted(terms, key=lambda t: -t.bytes)[:n] if t.bytes)
 
 
 def verdict(plan: MemoryPlan, gpus: list[float] | str, host_ram_gib: float | None = None, margin: float = 0.05) -> Verdict:
-    """Does ``plan`` fit on ``gpus`` (GiB each), keeping ``margin`` of each device free for the
-    estimates' error and fragmentation? The message names what to change when it does not."""
+    """Does ``plan`` fit on ``gpus`` (GiB each) and in ``host_ram_gib`` of host RAM (None: not
+    checked), keeping ``margin`` of each free for the estimates' error and fragmentation (and, on
+    the host, for the system)? The message names what to change when it does not."""
     gpus = parse_gpus(gpus) if isinstance(gpus, str) else list(gpus)
     needed = sum(d.count for d in plan.devices)
     if len(gpus) < needed:
@@ -431,33 +596,42 @@ def verdict(plan: MemoryPlan, gpus: list[float] | str, host_ram_gib: float | Non
     cap = min(gpus) * GiB * (1 - margin)
     worst = max(plan.devices, key=lambda d: d.total)
     headroom = (cap - worst.total) / GiB
-    host_note = ""
-    if host_ram_gib is not None and plan.host_total > host_ram_gib * GiB:
-        return Verdict(False, f"host RAM: needs {plan.host_total / GiB:.1f} GiB, {host_ram_gib:.0f} GiB available", headroom)
-    if headroom >= 0:
+    host_headroom = None if host_ram_gib is None else (host_ram_gib * GiB * (1 - margin) - plan.host_total) / GiB
+    host_ok = host_headroom is None or host_headroom >= 0
+    s, pd = plan.settings, plan.settings["placement_dict"]
+    host_note = "" if host_ram_gib is None else f"; host RAM {plan.host_total / GiB:.1f} of {host_ram_gib:.1f} GiB"
+    if headroom >= 0 and host_ok:
         return Verdict(True, f"fits: peak {worst.total / GiB:.1f} GiB of {min(gpus):.0f} GiB on {worst.role} "
-                       f"({headroom:.1f} GiB spare beyond a {margin:.0%} margin){host_note}", headroom)
-    terms = sorted(worst.terms, key=lambda t: -t.bytes)
-    big = ", ".join(f"{t.name} {t.bytes / GiB:.1f}" for t in terms[:3])
-    s = plan.settings
-    hints = []
-    if s["precision"] not in ("fp8",):
-        hints.append("fp8 weights (--precision fp8)")
-    pd = s["placement_dict"]
-    if pd["blocks_on_device"] is None and s["mode"] != "sp":
-        hints.append("block swap (blocks_on_device N)")
-    if pd["kv_cache_device"] != "cpu":
-        hints.append("KV caches in host RAM (kv_cache_device cpu)")
+                       f"({headroom:.1f} GiB spare beyond a {margin:.0%} margin){host_note}", headroom, host_headroom)
+    problems, hints = [], []
+    if headroom < 0:
+        problems.append(f"{worst.role} needs {worst.total / GiB:.1f} GiB, has {min(gpus):.0f} GiB (minus a {margin:.0%} "
+                        f"margin) (largest: {_largest(worst.terms)} GiB)")
+        if s["precision"] not in ("fp8",):
+            hints.append("fp8 weights (--precision fp8)")
+        if pd["blocks_on_device"] is None and s["mode"] != "sp":
+            hints.append("block swap (blocks_on_device N)")
+        if pd["kv_cache_device"] != "cpu":
+            hints.append("KV caches in host RAM (kv_cache_device cpu)")
+    if not host_ok:
+        problems.append(f"host RAM: needs {plan.host_total / GiB:.1f} GiB, {host_ram_gib:.1f} GiB available (minus a "
+                        f"{margin:.0%} margin) (largest: {_largest(plan.host)} GiB)")
+        if pd["kv_cache_device"] == "cpu":
+            hints.append("KV caches on the GPU (more GPU memory, or block swap to make room)")
+        if s["steps"] > 1:
+            hints.append(f"fewer steps (--steps {s['steps'] - 1}: one KV cache less)")
+        hints.append("a smaller size (KV caches grow with the pixels)")
+        hints.append("more host RAM (--host-ram GIB if more is free than the system reports)")
     if pd["kv_cache_dtype"] is None:
         hints.append("fp8 KV caches (kv_cache_dtype float8_e4m3fn; changes results slightly)")
     hints.append("more GPUs (--mode sp splits heads and weights; --mode tpp splits steps)")
-    return Verdict(False, f"does not fit: {worst.role} needs {worst.total / GiB:.1f} GiB, has {min(gpus):.0f} GiB "
-                   f"(minus a {margin:.0%} margin) "
-                   f"(largest: {big} GiB). Try: " + "; ".join(hints), headroom)
+    return Verdict(False, "does not fit: " + "; ".join(problems) + ". Try: " + "; ".join(dict.fromkeys(hints)),
+                   headroom, host_headroom)
 
 
 def _candidates(num_layers: int, prefetch: bool, device: str):
-    """Placements from cheapest (no host traffic, exact) to most frugal."""
+    """Every placement the engine offers: KV caches on the device or the host, in the model dtype or
+    fp8 (lossy), all blocks resident or block swap with N resident."""
     exact, lossy = [], []
     for fp8 in (False, True):
         for kv_dev in ("device", "cpu"):
@@ -466,6 +640,20 @@ def _candidates(num_layers: int, prefetch: bool, device: str):
                                      kv_cache_dtype=torch.float8_e4m3fn if fp8 else None, prefetch=prefetch)
                 (lossy if fp8 else exact).append(pc)
     return exact, lossy
+
+
+@dataclass
+class _Tried:
+    pc: PlacementConfig
+    plan: MemoryPlan
+    lossy: bool
+    gpu_ok: bool
+    host_ok: bool
+
+    @property
+    def key(self) -> tuple:
+        # fastest first; on a tie (copies hidden behind compute) exact, then less traffic, then a lower peak
+        return (round(self.plan.timing.call_s, 6), self.lossy, self.plan.traffic_per_forward, self.plan.peak_device)
 
 
 def choose_placement(
@@ -478,31 +666,135 @@ def choose_placement(
     mode: str = "single",
     device: str = "cuda",
     allow_fp8_kv: bool = True,
+    host_ram_gib: float | None = None,
+    speed: SpeedModel = SpeedModel(),
     **plan_kwargs,
 ) -> tuple[PlacementConfig | None, MemoryPlan]:
-    """The cheapest placement that fits: exact placements first (least host->device traffic per
-    DiT call), then fp8 KV caches if allowed. Returns (None, plan of the most frugal try) if none fits."""
+    """The fastest placement that fits the GPUs and ``host_ram_gib`` (None: host RAM not limited),
+    by predicted time per DiT call (``Timing``), within the user's weight precision. fp8 KV caches
+    (lossy) only if ``allow_fp8_kv``. On a tie (copies hidden behind compute) an exact placement,
+    then less traffic, then a lower peak. ``plan.choice`` says what limited the choice.
+    Returns (None, the plan closest to fitting) if none fits."""
     gpus = parse_gpus(gpus) if isinstance(gpus, str) else list(gpus)
     world = len(gpus) if mode != "single" else 1
     exact, lossy = _candidates(dit_cfg.num_layers, True, device)
-    last = None
-    for group in (exact, lossy if allow_fp8_kv else []):
-        fitting = []
+    tried = []
+    for group, is_lossy in ((exact, False), (lossy, True)):
         for pc in group:
             if mode == "sp" and pc.blocks_on_device is not None:
                 continue  # sp already streams sharded blocks
-            plan = plan_memory(dit_cfg, precision, width, height, sampler_cfg, pc, world, mode, **plan_kwargs)
-            last = plan
-            if verdict(plan, gpus).fits:
-                fitting.append((plan.traffic_per_forward, plan.peak_device, pc, plan))
-        if fitting:
-            _, _, pc, plan = min(fitting, key=lambda t: (t[0], t[1]))
-            return pc, plan
-    return None, last
+            plan = plan_memory(dit_cfg, precision, width, height, sampler_cfg, pc, world, mode, speed=speed, **plan_kwargs)
+            gpu_ok = verdict(plan, gpus).fits
+            host_ok = host_ram_gib is None or verdict(plan, gpus, host_ram_gib).host_headroom >= 0
+            tried.append(_Tried(pc, plan, is_lossy, gpu_ok, host_ok))
+    allowed = [t for t in tried if t.gpu_ok and t.host_ok and (allow_fp8_kv or not t.lossy)]
+    cap = min(gpus) * GiB * 0.95
+    host_cap = None if host_ram_gib is None else host_ram_gib * GiB * 0.95
+    if allowed:
+        best = min(allowed, key=lambda t: t.key)
+    else:
+        def deficit(t: _Tried) -> float:  # GiB missing, GPU and host together
+            short = max(0, t.plan.peak_device - cap)
+            return short + (0 if host_cap is None else max(0, t.plan.host_total - host_cap))
+        best = min((t for t in tried if allow_fp8_kv or not t.lossy), key=lambda t: (deficit(t), t.key))
+    best.plan.choice = _explain(best if allowed else None, best, tried, allow_fp8_kv, cap, host_cap, host_ram_gib)
+    return (best.pc if allowed else None), best.plan
+
+
+def _explain(chosen: _Tried | None, best: _Tried, tried: list[_Tried], allow_fp8_kv: bool, cap: float,
+             host_cap: float | None, host_ram_gib: float | None) -> list[str]:
+    """Lines saying how the placement was chosen and what ruled out the better-ranked ones."""
+    host = "not limited" if host_ram_gib is None else f"{host_ram_gib:.1f} GiB"
+    lines = [f"by predicted time per DiT call among {len(tried)} placements (GPU {cap / GiB:.1f} GiB usable; "
+             f"host RAM {host}; fp8 KV caches {'allowed' if allow_fp8_kv else 'forbidden (exact)'})"]
+    if chosen is None:
+        usable = [t for t in tried if allow_fp8_kv or not t.lossy]
+        gpu_only = [t for t in usable if t.gpu_ok and not t.host_ok]
+        host_only = [t for t in usable if t.host_ok and not t.gpu_ok]
+        lines.append(f"nothing fits; closest: {best.pc.describe()}")
+        if gpu_only:
+            t = min(gpu_only, key=lambda t: t.plan.host_total)
+            lines.append(f"limited by host RAM: {len(gpu_only)} placement(s) fit the GPU but not host RAM; the leanest "
+                         f"({t.pc.describe()}) needs {t.plan.host_total / GiB:.1f} GiB, {host_cap / GiB:.1f} usable")
+        if host_only:
+            t = min(host_only, key=lambda t: t.plan.peak_device)
+            lines.append(f"limited by GPU memory: {len(host_only)} placement(s) fit host RAM but not the GPU; the "
+                         f"leanest ({t.pc.describe()}) needs {t.plan.peak_device / GiB:.1f} GiB per device")
+        lossy_fit = [t for t in tried if t.lossy and t.gpu_ok and t.host_ok]
+        if lossy_fit and not allow_fp8_kv:
+            t = min(lossy_fit, key=lambda t: t.key)
+            lines.append(f"limited by exact (fp8 KV caches forbidden): {t.pc.describe()} would fit")
+        return lines
+    better = sorted((t for t in tried if t.key < chosen.key), key=lambda t: t.key)
+    limits = {}
+    for t in better:
+        if not t.gpu_ok:
+            limits.setdefault("GPU memory", (t, f"needs {t.plan.peak_device / GiB:.1f} GiB per device"))
+        if not t.host_ok:
+            limits.setdefault("host RAM", (t, f"needs {t.plan.host_total / GiB:.1f} GiB of host RAM"))
+        if t.lossy and not allow_fp8_kv:
+            limits.setdefault("exact (fp8 KV caches forbidden)", (t, "uses fp8 KV caches"))
+    if not limits:
+        lines.append(f"limited by: nothing (no faster or equally fast exact placement; {chosen.plan.timing.bound})")
+    t0 = chosen.plan.timing.call_s
+    for what, (t, why) in limits.items():
+        exact = "exact, " if not t.lossy and chosen.lossy else ""
+        lines.append(f"limited by {what}: {t.pc.describe()} ({exact}{t.plan.timing.call_s:.3f} s per call; "
+                     f"chosen: {t0:.3f} s) {why}")
+    return lines
+
+
+# ---------------------------------------------------------------------------- generate's pre-load check
+def dit_config_of(path) -> DiTConfig:
+    """A DiT checkpoint's configuration from its header alone (config.json beside it, else its shapes)."""
+    from .dit import infer_dit_config
+    from .formats import ModelFileError, open_checkpoint
+
+    with open_checkpoint(path) as ckpt:
+        if ckpt.config is not None:
+            try:
+                return DiTConfig.from_dict(ckpt.config)
+            except TypeError as exc:
+                raise ModelFileError(f"{ckpt.path}/config.json: expected a DiT configuration; found {exc}") from None
+        shapes = {n: ckpt.shape(k) for n, k in ckpt.model_keys().items()}
+        try:
+            return infer_dit_config(shapes)
+        except ValueError as exc:
+            raise ModelFileError(f"{ckpt.path}: cannot infer the DiT configuration: {exc}") from None
+
+
+def preload_host_check(dit_path, precision: str, width: int, height: int, sampler_cfg: SamplerConfig,
+                       device, host_ram_gib: float | None = None, margin: float = 0.05) -> Verdict:
+    """Before ``generate`` loads anything: does its single-process run fit the host RAM?
+
+    ``generate`` keeps the DiT, its caches and the VAE on ``device`` (no placement) and frees each
+    encoder after use, so the host holds the planner's host terms without the encoders' copy, plus,
+    on a CPU, every device term (the CPU is the device; no CUDA reserve). host_ram_gib None: what
+    the system reports available now."""
+    device = torch.device(device)
+    if host_ram_gib is None:
+        host_ram_gib = available_host_ram_gib()
+    cfg = dit_config_of(dit_path)
+    plan = plan_memory(cfg, precision, width, height, sampler_cfg, PlacementConfig(device=str(device)))
+    terms = [t for t in plan.host if not t.name.startswith("encoders")]
+    if device.type == "cpu":
+        terms += [t for d in plan.devices for t in d.terms if t.name not in ("runtime reserve", "encoders (resident)")]
+    need = sum(t.bytes for t in terms)
+    if host_ram_gib is None:
+        return Verdict(True, f"host RAM: needs ~{need / GiB:.2f} GiB (available RAM unknown: psutil missing)", 0.0)
+    spare = (host_ram_gib * GiB * (1 - margin) - need) / GiB
+    what = f"{width}x{height}, {precision} DiT of dim {cfg.dim} x {cfg.num_layers} layers on {device}"
+    if spare >= 0:
+        return Verdict(True, f"host RAM: {what} needs ~{need / GiB:.2f} GiB of {host_ram_gib:.1f} GiB", 0.0, spare)
+    return Verdict(False, f"host RAM: {what} needs ~{need / GiB:.2f} GiB (largest: {_largest(terms)} GiB), "
+                   f"{host_ram_gib:.1f} GiB available (minus a {margin:.0%} margin); use a GPU, a smaller --precision, "
+                   f"--size or --steps, or give --host-ram GIB if more is free", 0.0, spare)
 
 
 __all__ = [
     "GiB", "VAESize", "EncoderSizes", "Term", "DevicePlan", "MemoryPlan", "Verdict", "Geometry",
     "weight_bytes", "geometry", "cache_bytes", "activation_terms", "vae_decode_bytes",
     "plan_memory", "verdict", "choose_placement", "parse_gpus", "parse_size",
+    "SpeedModel", "Timing", "block_step_flops", "call_flops", "available_host_ram_gib", "STORAGE_BYTES",
+    "dit_config_of", "preload_host_check",
 ]

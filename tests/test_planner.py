@@ -8,6 +8,8 @@ numbers themselves are predictions to be checked by a GPU measurement.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tiny_geometry import LATENT_H, LATENT_W
@@ -18,6 +20,7 @@ from liveavatar_pack.liveavatar.config import TINY, WAN_S2V_14B, DiTConfig, Samp
 from liveavatar_pack.liveavatar.kv_cache import CacheStorage
 from liveavatar_pack.liveavatar.tiny import tiny_transformer
 from liveavatar_pack.model_loaders.placement import PlacementConfig, apply_placement
+from liveavatar_pack.model_loaders import planner
 from liveavatar_pack.model_loaders.planner import (
     GiB,
     activation_terms,
@@ -44,6 +47,26 @@ def test_weights_are_exact(precision, dtype):
     w = weight_bytes(TINY, precision)
     assert w.block == param_bytes(model.blocks[0])
     assert w.total(TINY.num_layers) == param_bytes(model)
+    plan = plan_memory(TINY, precision, 8 * W, 8 * H, SCFG, PlacementConfig(device="cpu"))
+    assert plan.term("weights") == param_bytes(model)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "fp8"])
+def test_weights_equal_what_load_dit_allocates(tmp_path, precision):
+    """The planner's weight terms against the bytes ``load_dit`` really allocates, for a tiny model
+    written to disk: fp8 keeps the blocks' and injectors' Linears in fp8 (+ one float32 scale each)
+    and every other tensor in bf16 (keep_in_fp32 modules in float32)."""
+    from safetensors.torch import save_file
+
+    from liveavatar_pack.model_loaders.dit import load_dit
+
+    path = tmp_path / "dit.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_transformer(0).state_dict().items()}, path)
+    model, report = load_dit(path, precision=precision, config=TINY)
+    w = weight_bytes(TINY, precision)
+    assert w.block == param_bytes(model.blocks[0])
+    assert w.total(TINY.num_layers) == param_bytes(model) == report.model_bytes
+    assert w.base_params + TINY.num_layers * w.block_params == sum(p.numel() for p in tiny_transformer(0).parameters())
     plan = plan_memory(TINY, precision, 8 * W, 8 * H, SCFG, PlacementConfig(device="cpu"))
     assert plan.term("weights") == param_bytes(model)
 
@@ -162,9 +185,199 @@ def test_parsers():
 
 
 def test_cli_plan(capsys):
-    assert cli_main(["plan", "--gpus", "1x80", "--size", "704*384"]) == 0
+    # --host-ram 0: no host limit, so the verdicts do not depend on this machine's free RAM
+    assert cli_main(["plan", "--gpus", "1x80", "--size", "704*384", "--host-ram", "0"]) == 0
     out = capsys.readouterr().out
     assert "KV caches" in out and "chosen placement" in out and "fits" in out
-    assert cli_main(["plan", "--gpus", "1x24", "--size", "704*384", "--blocks-on-device", "40"]) == 1
+    assert cli_main(["plan", "--gpus", "1x24", "--size", "704*384", "--blocks-on-device", "40", "--host-ram", "0"]) == 1
     assert "does not fit" in capsys.readouterr().out
-    assert cli_main(["plan", "--gpus", "4x24", "--size", "688*368", "--precision", "fp8", "--mode", "sp"]) == 0
+    assert cli_main(["plan", "--gpus", "4x24", "--size", "688*368", "--precision", "fp8", "--mode", "sp",
+                     "--host-ram", "0"]) == 0
+
+
+# ---------------------------------------------------------------------------- host RAM
+def host_total_printed(out: str) -> float:
+    """The TOTAL line of the plan output's '-- host RAM' block, GiB."""
+    block = out.split("-- host RAM", 1)[1]
+    line = next(l for l in block.splitlines() if l.strip().startswith("TOTAL"))
+    return float(line.split()[1])
+
+
+def test_verdict_counts_host_ram():
+    plan = plan_memory(WAN_S2V_14B, "fp8", 704, 384, SCFG, PlacementConfig(kv_cache_device="cpu"))
+    assert verdict(plan, "1x24", host_ram_gib=None).fits
+    short = verdict(plan, "1x24", host_ram_gib=32)
+    assert not short.fits and short.host_headroom < 0
+    assert "host RAM: needs" in short.message and "fp8 KV caches" in short.message and "fewer steps" in short.message
+    assert verdict(plan, "1x24", host_ram_gib=64).fits
+
+
+def test_choice_stays_within_host_ram_and_falls_back_to_fp8_kv():
+    """1x24 fp8: with room on the host the exact and the fp8 host KV caches are both possible; with
+    40 GiB only fp8 KV caches fit there (21 GiB instead of 41), and the plan says host RAM limited it."""
+    pc, plan = choose_placement(WAN_S2V_14B, "fp8", 704, 384, SCFG, "1x24", host_ram_gib=40, allow_fp8_kv=False)
+    assert pc is None and "host RAM" in verdict(plan, "1x24", 40).message
+    pc, plan = choose_placement(WAN_S2V_14B, "fp8", 704, 384, SCFG, "1x24", host_ram_gib=40)
+    assert pc is not None and pc.kv_fp8 and plan.host_total <= 0.95 * 40 * GiB
+    assert verdict(plan, "1x24", 40).fits
+    # 1x80 bf16: block swap keeps swapped blocks in host RAM; with 12 GiB of host RAM that is
+    # too much, so fp8 KV caches on the GPU make room for every block instead
+    pc, plan = choose_placement(WAN_S2V_14B, "bf16", 704, 384, SCFG, "1x80")
+    assert pc.blocks_on_device is not None and not pc.kv_fp8 and plan.host_total > 0.95 * 12 * GiB
+    pc, plan = choose_placement(WAN_S2V_14B, "bf16", 704, 384, SCFG, "1x80", host_ram_gib=12)
+    assert pc.blocks_on_device is None and pc.kv_fp8 and plan.host_total <= 0.95 * 12 * GiB
+    # 1x48 bf16: fp8 KV caches on the host need 32.1 GiB; with 32 the caches move to the GPU and
+    # fewer blocks stay resident (swapped blocks take less host RAM than the caches)
+    pc, plan = choose_placement(WAN_S2V_14B, "bf16", 704, 384, SCFG, "1x48")
+    assert pc.kv_cache_device == "cpu" and plan.host_total > 0.95 * 32 * GiB
+    pc, plan = choose_placement(WAN_S2V_14B, "bf16", 704, 384, SCFG, "1x48", host_ram_gib=32)
+    assert pc.kv_cache_device == "device" and pc.blocks_on_device < WAN_S2V_14B.num_layers
+    assert plan.host_total <= 0.95 * 32 * GiB and any("limited by host RAM" in line for line in plan.choice)
+
+
+def test_cli_plan_1x24_fp8_within_32_gib_or_says_why(capsys):
+    code = cli_main(["plan", "--gpus", "1x24", "--size", "704*384", "--precision", "fp8", "--host-ram", "32"])
+    out = capsys.readouterr().out
+    assert "host RAM limit: 32.0 GiB (--host-ram)" in out
+    if code == 0:
+        assert host_total_printed(out) <= 32
+    else:
+        assert "chosen placement: none fits" in out and "host RAM: needs" in out
+    # 3 steps: one KV cache less, which fits
+    assert cli_main(["plan", "--gpus", "1x24", "--size", "704*384", "--precision", "fp8", "--host-ram", "32",
+                     "--steps", "3"]) == 0
+    assert host_total_printed(capsys.readouterr().out) <= 32
+
+
+def test_cli_plan_reads_available_host_ram(capsys, monkeypatch):
+    monkeypatch.setattr(planner, "available_host_ram_gib", lambda: 12.0)
+    assert cli_main(["plan", "--gpus", "1x80", "--size", "704*384"]) == 0
+    out = capsys.readouterr().out
+    assert "host RAM limit: 12.0 GiB (available now" in out and "limited by host RAM" in out
+    assert host_total_printed(out) <= 12
+
+
+# ---------------------------------------------------------------------------- choice by predicted time
+def test_1x48_fp8_keeps_fp8_kv_caches_on_the_card():
+    """fp8 weights + fp8 KV caches fit 48 GB: no copies, instead of 11.7 GiB of host KV per call."""
+    pc, plan = choose_placement(WAN_S2V_14B, "fp8", 704, 384, SCFG, "1x48")
+    assert plan.traffic_per_forward < GiB and pc.kv_cache_device == "device" and pc.kv_fp8
+    exact, eplan = choose_placement(WAN_S2V_14B, "fp8", 704, 384, SCFG, "1x48", allow_fp8_kv=False)
+    assert not exact.kv_fp8 and eplan.timing.call_s > plan.timing.call_s
+    assert any("limited by exact" in line for line in eplan.choice)
+
+
+def test_cli_plan_1x48_fp8_moves_under_1_gib(capsys):
+    assert cli_main(["plan", "--gpus", "1x48", "--size", "704*384", "--precision", "fp8", "--host-ram", "64"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("host->device traffic per DiT call:"))
+    assert float(line.split(":")[1].split()[0]) < 1
+    assert "-- host RAM" in out and host_total_printed(out) <= 64
+
+
+def test_choice_follows_the_predicted_time():
+    """Copies hidden behind slow compute cost nothing: then the exact placement wins the tie; with
+    fast compute the same copies dominate and halving them (fp8 KV caches) is chosen."""
+    fast, slow = planner.SpeedModel(25, 400), planner.SpeedModel(25, 50)
+    pc, plan = choose_placement(WAN_S2V_14B, "fp8", 704, 384, SCFG, "1x24", speed=fast)
+    assert pc.kv_cache_device == "cpu" and pc.kv_fp8 and plan.timing.bound == "compute-bound"
+    pc, plan = choose_placement(WAN_S2V_14B, "fp8", 704, 384, SCFG, "1x24", speed=slow)
+    assert pc.kv_cache_device == "cpu" and not pc.kv_fp8
+    t = plan.timing
+    assert t.copy_s == pytest.approx(plan.traffic_per_forward / 25e9)
+    assert t.compute_s == pytest.approx(t.flops / 50e12) and t.call_s == max(t.copy_s, t.compute_s)
+    assert t.fps == pytest.approx(SCFG.frames_per_block / (SCFG.steps * t.call_s))
+    no_prefetch = plan_memory(WAN_S2V_14B, "fp8", 704, 384, SCFG, replace(pc, prefetch=False), speed=slow)
+    assert no_prefetch.timing.call_s == pytest.approx(t.copy_s + t.compute_s)
+
+
+def test_cli_plan_prints_and_overrides_the_assumptions(capsys):
+    args = ["plan", "--gpus", "1x24", "--size", "704*384", "--precision", "fp8", "--host-ram", "0", "--exact"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "assumptions: 25 GB/s host->device, 400 TFLOP/s sustained" in out
+    assert "host->device traffic per DiT call: 11.68 GiB" in out and "predicted time per DiT call: 0.502 s" in out
+    assert cli_main(args + ["--bandwidth", "50", "--tflops", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "assumptions: 50 GB/s host->device, 100 TFLOP/s sustained" in out
+    assert "predicted time per DiT call: 1.208 s" in out
+    assert "float8" not in out.split("chosen placement:")[1]  # --exact: no fp8 KV caches
+
+
+def test_vram_plan_node_inputs(tmp_path, monkeypatch):
+    from node_env import comfy_double, run
+
+    with comfy_double(tmp_path) as env:
+        from liveavatar_pack.nodes.plan import VRAMPlan
+
+        names = [i.id for i in VRAMPlan.define_schema().inputs]
+        assert "host_ram_gib" in names and "allow_lossy" in names
+        common = dict(model="14B", precision="fp8", size="704*384", steps=4, gpus="1x48")
+        text, chosen = run(VRAMPlan, **common, host_ram_gib=64.0, allow_lossy=True).result[:2]
+        assert chosen.kv_fp8 and "host RAM 64.0 GiB" in text
+        text, chosen = run(VRAMPlan, **common, host_ram_gib=64.0, allow_lossy=False).result[:2]
+        assert not chosen.kv_fp8 and "forbidden (exact)" in text
+        text, chosen = run(VRAMPlan, **common, host_ram_gib=40.0, allow_lossy=False).result[:2]
+        assert chosen is None and "fit the GPU but not host RAM" in text
+        monkeypatch.setattr(planner, "available_host_ram_gib", lambda: 40.0)
+        text, chosen = run(VRAMPlan, **common, allow_lossy=False).result[:2]
+        assert chosen is None and "host RAM 40.0 GiB" in text
+
+
+# ---------------------------------------------------------------------------- generate's pre-load check
+def test_preload_host_check_counts_the_dit_on_a_cpu(tmp_path):
+    from liveavatar_pack.cli import tiny_models as tm
+    from liveavatar_pack.model_loaders.dit import load_dit
+
+    path = tm.write_dit(tmp_path)[0]  # config read off the header (dim 128: heads inferred)
+    assert planner.dit_config_of(path) == tm.tiny_dit_config()
+    ok = planner.preload_host_check(path, "fp32", 64, 64, SCFG, "cpu", host_ram_gib=64)
+    assert ok.fits and ok.host_headroom < 64 * 0.95
+    need = (64 * 0.95 - ok.host_headroom) * GiB
+    assert need > load_dit(path, precision="fp32")[1].model_bytes  # the weights live in host RAM
+    short = planner.preload_host_check(path, "fp32", 64, 64, SCFG, "cpu", host_ram_gib=need / GiB)
+    assert not short.fits and "host RAM" in short.message and "--host-ram" in short.message
+    # on a GPU generate's default placement keeps nothing big in host RAM
+    gpu = planner.preload_host_check(path, "fp32", 64, 64, SCFG, "cuda", host_ram_gib=need / GiB)
+    assert gpu.fits and gpu.host_headroom == pytest.approx(need / GiB * 0.95)
+
+
+def test_generate_refuses_short_host_ram_before_loading(tmp_path, capsys, monkeypatch):
+    from liveavatar_pack.cli import generate
+    from liveavatar_pack.cli import tiny_models as tm
+
+    tm.write_tiny_models(tmp_path / "models")
+
+    def must_not_load(*a, **k):
+        raise AssertionError("a model was loaded before the host RAM check")
+
+    for name in ("load_text_encoder", "load_wan_vae", "load_audio_encoder", "load_dit"):
+        monkeypatch.setattr(generate, name, must_not_load)
+    inputs = tmp_path / "input" if (tmp_path / "input").is_dir() else tmp_path / "models" / "input"
+    code = cli_main(["generate", "--models", str(tmp_path / "models"), "--image", str(inputs / tm.IMAGE_FILE),
+                     "--audio", str(inputs / tm.SPEECH_FILE), "--size", "128*128", "--device", "cpu",
+                     "--out", str(tmp_path / "out.mp4"), "--host-ram", "0.001"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "host RAM" in err and "0.0 GiB available" in err and not (tmp_path / "out.mp4").exists()
+
+
+def test_readme_planner_table_is_the_scripts_output():
+    """The README's planner table is regenerated by bench/planner_table.py, never edited by hand."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("planner_table", root / "bench" / "planner_table.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["planner_table"] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(root / "bench"))
+        sys.modules.pop("planner_table", None)
+    table = module.table(planner.SpeedModel())
+    assert "| 1x24 | single | 704*384 | fp8 | 400 | 32 |" in table  # the host-RAM-limited row
+    assert table in (root / "README.md").read_text(), "README planner table is stale: run python bench/planner_table.py"
