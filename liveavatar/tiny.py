@@ -11,6 +11,12 @@ import torch.nn as nn
 from .config import TINY, DiTConfig
 from .transformer import LiveAvatarTransformer
 
+# The latent size (rows, columns) of the unit tests and CPU checks that drive the DiT directly:
+# non-square with an odd number of token columns (4 x 5 tokens per latent frame), so a swap of
+# rows and columns anywhere (a RoPE grid, a cache shape, a patchify) changes a result or a shape,
+# where a square size would hide it. FramePack's 8x-pooled grid stays non-empty (10 // 8 = 1).
+TINY_LATENT_HW = (8, 10)  # 64 x 80 pixels
+
 
 @torch.no_grad()
 def randomize_(module: nn.Module, seed: int, std: float = 0.1) -> nn.Module:

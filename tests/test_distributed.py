@@ -21,7 +21,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from tiny_geometry import LATENT_H, LATENT_W
 
 from liveavatar_pack.distributed import protocol
 from liveavatar_pack.distributed.agent import AgentOptions, agent_command, agent_env
@@ -39,9 +38,9 @@ from liveavatar_pack.distributed.runtime import assign_steps
 from liveavatar_pack.distributed.sampler import DistributedSampler
 from liveavatar_pack.liveavatar.config import TINY, SamplerConfig
 from liveavatar_pack.liveavatar.sampler import Cancelled, SinkInputs, StreamingSampler, TensorAudio
-from liveavatar_pack.liveavatar.tiny import tiny_transformer
+from liveavatar_pack.liveavatar.tiny import TINY_LATENT_HW, tiny_transformer
 
-H, W = LATENT_H, LATENT_W  # non-square (tests/tiny_geometry.py)
+H, W = TINY_LATENT_HW  # non-square (liveavatar/tiny.py)
 MODEL_SEED = 1
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_geometry import LATENT_H, LATENT_W
 from safetensors.torch import save_file
 
 from conftest import ROOT, golden_subdir
 from liveavatar_pack.liveavatar.config import TINY, DiTConfig, replace
 from liveavatar_pack.liveavatar.kv_cache import CacheStorage
 from liveavatar_pack.liveavatar.lora import merge_lora
-from liveavatar_pack.liveavatar.tiny import tiny_transformer
+from liveavatar_pack.liveavatar.tiny import TINY_LATENT_HW, tiny_transformer
 from liveavatar_pack.liveavatar.transformer import LiveAvatarTransformer
 from liveavatar_pack.model_loaders.dit import infer_dit_config, load_dit
 from liveavatar_pack.model_loaders.formats import ModelFileError, describe
@@ -204,7 +203,7 @@ def test_fp8_precision_from_fp32(ref, tmp_path):
 
 
 # ----------------------------------------------------------------------------- fp8 accuracy
-def block_velocity(model, seed=0, h=LATENT_H, w=LATENT_W):
+def block_velocity(model, seed=0, h=TINY_LATENT_HW[0], w=TINY_LATENT_HW[1]):
     gen = torch.Generator().manual_seed(seed)
     storage = CacheStorage(dtype=model.dtype)
     text = model.embed_text(torch.randn(7, TINY.text_dim, generator=gen))

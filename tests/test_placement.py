@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
-from tiny_geometry import LATENT_H, LATENT_W
 
 from liveavatar_pack.liveavatar.config import TINY, SamplerConfig
 from liveavatar_pack.liveavatar.sampler import SinkInputs, StreamingSampler, TensorAudio
-from liveavatar_pack.liveavatar.tiny import tiny_transformer
+from liveavatar_pack.liveavatar.tiny import TINY_LATENT_HW, tiny_transformer
 from liveavatar_pack.model_loaders.placement import PlacementConfig, apply_placement
 
-H, W = LATENT_H, LATENT_W  # non-square (tests/tiny_geometry.py)
+H, W = TINY_LATENT_HW  # non-square (liveavatar/tiny.py)
 CLIPS = 2
 
 

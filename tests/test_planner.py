@@ -12,13 +12,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tiny_geometry import LATENT_H, LATENT_W
 from torch.profiler import ProfilerActivity, profile
 
 from liveavatar_pack.cli import main as cli_main
 from liveavatar_pack.liveavatar.config import TINY, WAN_S2V_14B, DiTConfig, SamplerConfig
 from liveavatar_pack.liveavatar.kv_cache import CacheStorage
-from liveavatar_pack.liveavatar.tiny import tiny_transformer
+from liveavatar_pack.liveavatar.tiny import TINY_LATENT_HW, tiny_transformer
 from liveavatar_pack.model_loaders.placement import PlacementConfig, apply_placement
 from liveavatar_pack.model_loaders import planner
 from liveavatar_pack.model_loaders.planner import (
@@ -33,7 +32,7 @@ from liveavatar_pack.model_loaders.planner import (
     weight_bytes,
 )
 
-H, W = LATENT_H, LATENT_W  # non-square (tests/tiny_geometry.py)
+H, W = TINY_LATENT_HW  # non-square (liveavatar/tiny.py)
 SCFG = SamplerConfig()
 
 

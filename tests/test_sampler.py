@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_geometry import LATENT_H, LATENT_W
 
 from liveavatar_pack.liveavatar.config import TINY, SamplerConfig
 from liveavatar_pack.liveavatar.kv_cache import CacheStorage
@@ -17,9 +16,9 @@ from liveavatar_pack.liveavatar.sampler import (
     flow_schedule,
     TensorAudio,
 )
-from liveavatar_pack.liveavatar.tiny import tiny_transformer
+from liveavatar_pack.liveavatar.tiny import TINY_LATENT_HW, tiny_transformer
 
-H, W = LATENT_H, LATENT_W  # non-square (tests/tiny_geometry.py)
+H, W = TINY_LATENT_HW  # non-square (liveavatar/tiny.py)
 
 
 @pytest.fixture(scope="module")

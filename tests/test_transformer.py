@@ -9,10 +9,9 @@ from liveavatar_pack.liveavatar import transformer as transformer_module
 from liveavatar_pack.liveavatar.config import TINY
 from liveavatar_pack.liveavatar.kv_cache import CacheStorage
 from liveavatar_pack.liveavatar.rope import TokenGrid, rope_table
-from liveavatar_pack.liveavatar.tiny import tiny_transformer
-from tiny_geometry import LATENT_H, LATENT_W
+from liveavatar_pack.liveavatar.tiny import TINY_LATENT_HW, tiny_transformer
 
-H, W = LATENT_H, LATENT_W
+H, W = TINY_LATENT_HW
 REF_FRAME = 30  # the reference token's temporal position in the recorded call
 
 
