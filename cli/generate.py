@@ -42,12 +42,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_worker_arguments(p)
 
 
-def _free(*objs) -> None:
-    for o in objs:
-        del o
+def _release_memory() -> None:
+    """Collect what the caller has dropped (HF modules hold reference cycles) and hand cached
+    device blocks back, so the next model loads into the memory the plan counts as free."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _encode_prompt(path: Path, ids: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """umT5 output on the CPU. The encoder lives only inside this call: the plan frees it before the
+    DiT loads (a ``del`` of a loop variable, as before, left the caller's reference alive)."""
+    encoder = load_text_encoder(path, dtype=dtype, device=device)
+    return encode_text(encoder, ids, mask).float().cpu()
 
 
 def run_generate(args: argparse.Namespace) -> Path:
@@ -72,17 +80,17 @@ def run_generate(args: argparse.Namespace) -> Path:
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     log(f"text encoder {files.text_encoder.name}")
-    text_encoder = load_text_encoder(files.text_encoder, dtype=dtype, device=device)
-    text = encode_text(text_encoder, ids, mask).float().cpu()
-    _free(text_encoder)
+    text = _encode_prompt(files.text_encoder, ids, mask, dtype, device)
+    _release_memory()
 
     log(f"VAE {files.vae.name}")
     vae = load_wan_vae(files.vae, device=device, dtype=dtype)
     sink = encode_reference(vae, pixels, cfg)
 
     log(f"audio encoder {files.audio_encoder.name}")
-    audio_encoder = load_audio_encoder(files.audio_encoder, dtype=dtype, device=device)
-    audio = encode_audio(audio_encoder, args.audio)
+    audio = encode_audio(load_audio_encoder(files.audio_encoder, dtype=dtype, device=device), args.audio)
+    audio.release_encoder()  # off the device before the DiT loads; gone if the track was encoded in one pass
+    _release_memory()
 
     cond = Conditioning(text, audio, sink, *pixels.shape[1:])
     if args.workers:

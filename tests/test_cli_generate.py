@@ -1,9 +1,11 @@
 """``python -m liveavatar generate`` on tiny models written in real file formats."""
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -142,3 +144,38 @@ def test_generate_from_tiny_models_in_comfyui_layout(tmp_path):
     frames, _ = imageio_ffmpeg.count_frames_and_secs(str(out))
     streams, audio_secs = probe_media(out)
     assert frames % 12 == 9 and ("Audio", "aac") in streams and audio_secs > 1.0
+
+
+class _StopBeforeDiT(Exception):
+    pass
+
+
+def test_encoders_are_freed_before_the_dit_loads(models, inputs, tmp_path, monkeypatch):
+    """The plan frees umT5 after encoding and keeps no audio encoder on the device while sampling: by the
+    time the DiT loads, the text encoder object is gone, and so is wav2vec2 for a track encoded in one pass."""
+    from liveavatar_pack import cli
+    from liveavatar_pack.cli import generate
+
+    refs: dict[str, weakref.ref] = {}
+    alive: dict[str, bool] = {}
+
+    def recording(name, loader):
+        def load(*args, **kwargs):
+            model = loader(*args, **kwargs)
+            refs[name] = weakref.ref(model)
+            return model
+        return load
+
+    def dit_loader(*args, **kwargs):
+        alive.update({name: ref() is not None for name, ref in refs.items()})  # no gc.collect(): generate must free
+        raise _StopBeforeDiT
+
+    monkeypatch.setattr(generate, "load_text_encoder", recording("text encoder", generate.load_text_encoder))
+    monkeypatch.setattr(generate, "load_audio_encoder", recording("audio encoder", generate.load_audio_encoder))
+    monkeypatch.setattr(generate, "load_dit", dit_loader)
+    with pytest.raises(_StopBeforeDiT):
+        cli.main(["generate", "--models", str(models), "--image", str(inputs / "face.png"), "--audio",
+                  str(inputs / "voice.wav"), "--size", "128*128", "--vae", str(models / "vae" / "wan_2.1_vae_diffusers"),
+                  "--device", "cpu", "--out", str(tmp_path / "x.mp4")])
+    assert alive == {"text encoder": False, "audio encoder": False}
+    gc.collect()
