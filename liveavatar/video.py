@@ -28,7 +28,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Mp4Writer", "VideoOutputError", "check_writable", "partial_path_for", "write_wav"]
+__all__ = ["Mp4Writer", "VIDEO_SUFFIXES", "VideoOutputError", "check_writable", "partial_path_for", "write_wav"]
+
+# Containers that take H.264 + AAC as written here (ffmpeg picks the container from the suffix).
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv")
 
 
 class VideoOutputError(OSError):
@@ -42,15 +45,21 @@ def partial_path_for(path: str | Path) -> Path:
 
 
 def check_writable(path: str | Path, create_dirs: bool = True) -> Path:
-    """Make sure a file can be created at ``path``; raise :class:`VideoOutputError` if not.
+    """Make sure a video file can be created at ``path``; raise :class:`VideoOutputError` if not.
 
-    Missing parent directories are created when ``create_dirs``. The check really creates
-    (and removes) a temporary file in the directory, since permission bits lie for root and
-    on some network filesystems. Returns the absolute path.
+    The suffix must name a container ffmpeg writes H.264 + AAC into (:data:`VIDEO_SUFFIXES`):
+    ffmpeg picks the container from it, and without one the mux fails only after the whole
+    video was made. Missing parent directories are created when ``create_dirs``. The check
+    really creates (and removes) a temporary file in the directory, since permission bits lie
+    for root and on some network filesystems. Returns the absolute path.
     """
     path = Path(path).expanduser().absolute()
     if path.is_dir():
         raise VideoOutputError(f"cannot write the video to {path}: it is a directory")
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        found = f"'{path.suffix}'" if path.suffix else "none"
+        raise VideoOutputError(f"cannot write the video to {path}: expected a video file name ending in "
+                               f"{', '.join(VIDEO_SUFFIXES)}; found extension {found}")
     parent = path.parent
     if create_dirs and not parent.exists():
         try:

@@ -55,3 +55,10 @@ def test_demo_on_two_workers_gives_the_same_video(tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         outs.append(_decoded(out))
     assert outs[0] == outs[1] == outs[2]
+
+
+def test_demo_refuses_an_output_name_without_a_video_extension(tmp_path):
+    cmd = [sys.executable, "-m", "liveavatar", "demo", "--out", str(tmp_path / "clip.txt")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "found extension '.txt'" in result.stderr and not list(tmp_path.iterdir())

@@ -179,3 +179,11 @@ def test_encoders_are_freed_before_the_dit_loads(models, inputs, tmp_path, monke
                   "--device", "cpu", "--out", str(tmp_path / "x.mp4")])
     assert alive == {"text encoder": False, "audio encoder": False}
     gc.collect()
+
+
+def test_output_without_video_extension_is_refused_before_loading(models, inputs, tmp_path):
+    result = _generate(models, inputs, tmp_path / "out" / "c7", "--num-clips", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "expected a video file name ending in .mp4" in result.stderr and "found extension none" in result.stderr
+    assert "text encoder" not in result.stderr  # nothing was loaded
+    assert not (tmp_path / "out").exists()
