@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..liveavatar.audio import encode_audio, load_audio
+from ..liveavatar.audio import AudioFeatures, load_audio
 from ..liveavatar.config import SamplerConfig
 from ..liveavatar.image import load_reference_image, parse_size
 from ..liveavatar.pipeline import Conditioning, VideoStream, encode_reference, write_mp4
@@ -19,6 +19,7 @@ from ..model_loaders.dit import load_dit
 from ..model_loaders.model_dir import find_model_files
 from ..model_loaders.text_encoder import load_text_encoder
 from ..model_loaders.vae import load_wan_vae
+from .preflight import Preflight, check_audio, check_model_file, resolve_device
 from .progress import BlockProgress
 from .workers import add_worker_arguments, worker_sources
 
@@ -59,24 +60,33 @@ def _encode_prompt(path: Path, ids: torch.Tensor, mask: torch.Tensor, dtype: tor
 
 
 def run_generate(args: argparse.Namespace) -> Path:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    # Everything that can be checked cheaply is checked before any model is loaded, in one pass.
+    pre = Preflight()
+    device = pre.check(resolve_device, args.device)
+    cfg = SamplerConfig(steps=args.steps, frames_per_clip=args.frames_per_clip)
+    pre.check(cfg.validate)
+    if args.num_clips < 0:
+        pre.problems.append(f"--num-clips must be 0 (follow the audio) or more; got {args.num_clips}")
+    out = pre.check(check_writable, args.out)
+    files = pre.check(lambda: find_model_files(
+        args.models, dit=args.dit, lora=args.lora, vae=args.vae, text_encoder=args.text_encoder,
+        tokenizer=args.tokenizer, audio_encoder=args.audio_encoder).require(Path(args.models)))
+    if files is not None:
+        for part in ("dit", "lora", "vae", "text_encoder", "audio_encoder"):
+            pre.check(check_model_file, part, getattr(files, part))
+    pixels = pre.check(load_reference_image, args.image, args.size) if pre.check(parse_size, args.size) else None
+    waveform = pre.check(load_audio, args.audio)
+    if waveform is not None:
+        check_audio(waveform, cfg, pre)
+    tokenizer = pre.check(load_tokenizer, files.tokenizer) if files is not None else None
+    if tokenizer is not None:
+        ids, mask = pre.check(tokenize, tokenizer, args.prompt) or (None, None)
+    pre.finish()
+
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(precision, torch.bfloat16)
     if device.type == "cpu" and precision != "fp32":
         dtype = torch.float32  # encoders and VAE stay float32 on the CPU
-    cfg = SamplerConfig(steps=args.steps, frames_per_clip=args.frames_per_clip)
-    cfg.validate()
-
-    # Everything that can be checked cheaply is checked before any model is loaded.
-    out = check_writable(args.out)
-    files = find_model_files(args.models, dit=args.dit, lora=args.lora, vae=args.vae, text_encoder=args.text_encoder,
-                             tokenizer=args.tokenizer, audio_encoder=args.audio_encoder).require(Path(args.models))
-    parse_size(args.size)
-    pixels = load_reference_image(args.image, args.size)
-    waveform = load_audio(args.audio)
-    tokenizer = load_tokenizer(files.tokenizer)
-    ids, mask = tokenize(tokenizer, args.prompt)
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     log(f"text encoder {files.text_encoder.name}")
@@ -88,7 +98,7 @@ def run_generate(args: argparse.Namespace) -> Path:
     sink = encode_reference(vae, pixels, cfg)
 
     log(f"audio encoder {files.audio_encoder.name}")
-    audio = encode_audio(load_audio_encoder(files.audio_encoder, dtype=dtype, device=device), args.audio)
+    audio = AudioFeatures(load_audio_encoder(files.audio_encoder, dtype=dtype, device=device), waveform)
     audio.release_encoder()  # off the device before the DiT loads; gone if the track was encoded in one pass
     _release_memory()
 

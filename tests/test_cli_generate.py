@@ -187,3 +187,39 @@ def test_output_without_video_extension_is_refused_before_loading(models, inputs
     assert "expected a video file name ending in .mp4" in result.stderr and "found extension none" in result.stderr
     assert "text encoder" not in result.stderr  # nothing was loaded
     assert not (tmp_path / "out").exists()
+
+
+def test_every_problem_is_reported_in_one_pass_before_loading(models, inputs, tmp_path):
+    """Too-short audio, a truncated VAE and a bad device name: three one-line errors, nothing loaded."""
+    soundfile.write(tmp_path / "blip.wav", synth_speech(0.01, 16000), 16000)  # 160 samples < one wav2vec2 frame
+    vae = next((models / "vae" / "wan_2.1_vae_diffusers").glob("*.safetensors")).read_bytes()
+    (tmp_path / "cut_vae.safetensors").write_bytes(vae[: len(vae) // 2])
+    cmd = [sys.executable, "-m", "liveavatar", "generate", "--models", str(models), "--image", str(inputs / "face.png"),
+           "--audio", str(tmp_path / "blip.wav"), "--vae", str(tmp_path / "cut_vae.safetensors"), "--device", "gpu",
+           "--size", "128*128", "--out", str(tmp_path / "x.mp4")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 3, result.stderr
+    assert any("blip.wav: audio too short: 160 samples" in e for e in errors)
+    assert any("cut_vae.safetensors: truncated safetensors file" in e for e in errors)
+    assert any("--device 'gpu': expected auto, cpu, cuda or cuda:N" in e for e in errors)
+    assert "text encoder" not in result.stderr and not (tmp_path / "x.mp4").exists()
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks a CPU-only torch")
+def test_cuda_on_a_cpu_only_torch_is_one_line_before_loading(models, inputs, tmp_path):
+    result = _generate(models, inputs, tmp_path / "x.mp4", "--device", "cuda")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "error: --device cuda: this torch" in result.stderr and "CPU-only build" in result.stderr
+    assert "text encoder" not in result.stderr
+
+
+def test_silent_and_short_audio_are_warned_about(models, inputs, tmp_path):
+    """Silence and a track shorter than one clip still run, with a warning each (stopped here by a bad --out)."""
+    soundfile.write(tmp_path / "quiet.wav", np.zeros(16000, dtype=np.float32), 16000)  # 1 s of silence
+    result = _generate(models, inputs, tmp_path / "x", "--audio", str(tmp_path / "quiet.wav"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert any("quiet.wav is silent or nearly" in w for w in warnings), result.stderr
+    assert any("quiet.wav is 1.00 s, shorter than one clip (48 frames = 1.92 s)" in w for w in warnings), result.stderr
