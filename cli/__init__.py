@@ -6,6 +6,7 @@ import os
 import sys
 
 from . import commands
+from .interrupts import Interrupted, exit_status, signal_name, sigterm_as_interrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,10 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        with sigterm_as_interrupt():  # SIGTERM ends a run like Ctrl+C: partial kept, with sound
+            return int(args.run(args) or 0)
+    except KeyboardInterrupt as err:
+        # On a line of its own (the progress line is closed first), naming the partial video if any.
+        print(str(err) if isinstance(err, Interrupted) else f"interrupted by {signal_name(err)}", file=sys.stderr)
+        return exit_status(err)
     except (commands.UserError, ValueError, OSError) as err:
         # Bad input or a file problem: a message the user can act on, not a traceback
         # (set LIVEAVATAR_DEBUG=1 to see where it came from).

@@ -11,7 +11,7 @@ import torch
 from ..liveavatar.audio import AudioFeatures, load_audio
 from ..liveavatar.config import SamplerConfig
 from ..liveavatar.image import load_reference_image, parse_size
-from ..liveavatar.pipeline import Conditioning, VideoStream, encode_reference, write_mp4
+from ..liveavatar.pipeline import Conditioning, VideoStream, encode_reference
 from ..liveavatar.text import encode_text, load_tokenizer, tokenize
 from ..liveavatar.video import check_writable
 from ..model_loaders.audio_encoder import load_audio_encoder
@@ -20,7 +20,7 @@ from ..model_loaders.model_dir import find_model_files
 from ..model_loaders.text_encoder import load_text_encoder
 from ..model_loaders.vae import load_wan_vae
 from .preflight import Preflight, check_audio, check_model_file, resolve_device
-from .progress import BlockProgress
+from .progress import write_with_progress
 from .workers import add_worker_arguments, worker_sources
 
 
@@ -116,4 +116,4 @@ def run_generate(args: argparse.Namespace) -> Path:
     log(f"generating {stream.num_clips} clips = {stream.total_frames} frames at {cond.width}x{cond.height}, "
         f"{cfg.steps} steps, seed {args.seed} ({waveform.duration:.1f} s of audio)")
     with torch.inference_mode():
-        return write_mp4(stream, out, audio=args.audio, on_chunk=BlockProgress(stream.blocks_total, stream.total_frames))
+        return write_with_progress(stream, out, audio=args.audio)
