@@ -1,4 +1,4 @@
-"""Headless command line on the same engine as the nodes (``python -m liveavatar``)."""
+"""Headless command line on the same engine as the nodes (``liveavatar`` once installed, or ``python -m liveavatar``)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,9 @@ from .interrupts import Interrupted, exit_status, signal_name, sigterm_as_interr
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m liveavatar", description=__doc__)
+    # ``liveavatar`` when run as the installed console command, else ``python -m liveavatar``
+    prog = "liveavatar" if os.path.basename(sys.argv[0]) == "liveavatar" else "python -m liveavatar"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for command in commands.ALL:
         command.register(sub)
