@@ -72,7 +72,8 @@ def test_interrupt_keeps_a_partial_with_sound_and_names_it(tmp_path, sig):
     out = tmp_path / "long.mp4"
     cmd = [sys.executable, "-m", "liveavatar", "demo", "--out", str(out), "--size", "128*128", "--seconds", "3",
            "--num-clips", "2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # unbuffered: communicate() reads the pipe itself and would miss bytes a buffered reader had taken
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
     seen = b""
     try:
         while b"blocks," not in seen:  # the first block is in the file: interrupt now
