@@ -77,7 +77,7 @@ def resolve_device(name: str) -> torch.device:
         return device
     if device.type != "cuda":
         raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N; {device.type} is not supported")
-    if torch.version.cuda is None:
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:  # ROCm builds say "cuda" too
         raise UserError(f"--device {name}: this torch {torch.__version__} is a CPU-only build (no CUDA); "
                         "install a CUDA build of torch or use --device cpu")
     if not torch.cuda.is_available():

@@ -207,7 +207,8 @@ def test_every_problem_is_reported_in_one_pass_before_loading(models, inputs, tm
     assert "text encoder" not in result.stderr and not (tmp_path / "x.mp4").exists()
 
 
-@pytest.mark.skipif(torch.version.cuda is not None, reason="checks a CPU-only torch")
+@pytest.mark.skipif(torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None,
+                    reason="checks a CPU-only torch")
 def test_cuda_on_a_cpu_only_torch_is_one_line_before_loading(models, inputs, tmp_path):
     result = _generate(models, inputs, tmp_path / "x.mp4", "--device", "cuda")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
