@@ -224,3 +224,20 @@ def test_silent_and_short_audio_are_warned_about(models, inputs, tmp_path):
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert any("quiet.wav is silent or nearly" in w for w in warnings), result.stderr
     assert any("quiet.wav is 1.00 s, shorter than one clip (48 frames = 1.92 s)" in w for w in warnings), result.stderr
+
+
+def test_model_file_checks_read_headers_only(models, tmp_path):
+    """A model of the wrong kind in a slot and a truncated .pth zip are refused from their headers."""
+    from liveavatar_pack.cli.commands import UserError
+    from liveavatar_pack.cli.preflight import check_model_file
+
+    text = models / "text_encoders" / "umt5_tiny.safetensors"
+    check_model_file("text_encoder", text)
+    with pytest.raises(UserError, match=r"expected the vae \(Wan VAE\); found a umT5 text encoder"):
+        check_model_file("vae", text)
+    pth = tmp_path / "vae.pth"
+    torch.save({"w": torch.zeros(1000)}, pth)
+    check_model_file("vae", pth)
+    pth.write_bytes(pth.read_bytes()[:2000])
+    with pytest.raises(UserError, match="truncated or damaged zip"):
+        check_model_file("vae", pth)
