@@ -10,11 +10,11 @@ from ..liveavatar.audio import Waveform, AudioFeatures
 from ..liveavatar.config import TINY, SamplerConfig, replace
 from ..liveavatar.demo_assets import synth_face, synth_speech
 from ..liveavatar.image import load_reference_image
-from ..liveavatar.pipeline import Conditioning, VideoStream, encode_reference, write_mp4
+from ..liveavatar.pipeline import Conditioning, VideoStream, encode_reference
 from ..liveavatar.text import encode_text
 from ..liveavatar.tiny import byte_tokens, tiny_audio_encoder, tiny_text_encoder, tiny_transformer, tiny_vae
 from ..liveavatar.video import check_writable
-from .progress import BlockProgress
+from .progress import write_with_progress
 
 SAMPLE_RATE = 16000
 
@@ -46,5 +46,4 @@ def run_demo(args: argparse.Namespace) -> Path:
     print(f"demo: {cond.width}x{cond.height}, {stream.num_clips} clips, {stream.total_frames} frames, "
           f"{cfg.steps} steps (tiny random models: expect abstract motion, not a face)")
     with torch.inference_mode():
-        return write_mp4(stream, out, audio=torch.from_numpy(speech), sample_rate=SAMPLE_RATE,
-                         on_chunk=BlockProgress(stream.blocks_total, stream.total_frames))
+        return write_with_progress(stream, out, audio=torch.from_numpy(speech), sample_rate=SAMPLE_RATE)

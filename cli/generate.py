@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from ..liveavatar.audio import encode_audio, load_audio
+from ..liveavatar.audio import AudioFeatures, load_audio
 from ..liveavatar.config import SamplerConfig
 from ..liveavatar.image import load_reference_image, parse_size
-from ..liveavatar.pipeline import Conditioning, VideoStream, encode_reference, write_mp4
+from ..liveavatar.pipeline import Conditioning, VideoStream, encode_reference
 from ..liveavatar.text import encode_text, load_tokenizer, tokenize
 from ..liveavatar.video import check_writable
 from ..model_loaders.audio_encoder import load_audio_encoder
@@ -20,7 +20,8 @@ from ..model_loaders.model_dir import find_model_files
 from ..model_loaders.planner import preload_host_check
 from ..model_loaders.text_encoder import load_text_encoder
 from ..model_loaders.vae import load_wan_vae
-from .progress import BlockProgress
+from .preflight import Preflight, check_audio, check_model_file, resolve_device
+from .progress import write_with_progress
 from .workers import add_worker_arguments, worker_sources
 
 
@@ -46,52 +47,71 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_worker_arguments(p)
 
 
-def _free(*objs) -> None:
-    for o in objs:
-        del o
+def _release_memory() -> None:
+    """Collect what the caller has dropped (HF modules hold reference cycles) and hand cached
+    device blocks back, so the next model loads into the memory the plan counts as free."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
+def _encode_prompt(path: Path, ids: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """umT5 output on the CPU. The encoder lives only inside this call: the plan frees it before the
+    DiT loads (a ``del`` of a loop variable, as before, left the caller's reference alive)."""
+    encoder = load_text_encoder(path, dtype=dtype, device=device)
+    return encode_text(encoder, ids, mask).float().cpu()
+
+
 def run_generate(args: argparse.Namespace) -> Path:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    # Everything that can be checked cheaply is checked before any model is loaded, in one pass.
+    pre = Preflight()
+    device = pre.check(resolve_device, args.device)
+    cfg = SamplerConfig(steps=args.steps, frames_per_clip=args.frames_per_clip)
+    pre.check(cfg.validate)
+    if args.num_clips < 0:
+        pre.problems.append(f"--num-clips must be 0 (follow the audio) or more; got {args.num_clips}")
+    out = pre.check(check_writable, args.out)
+    files = pre.check(lambda: find_model_files(
+        args.models, dit=args.dit, lora=args.lora, vae=args.vae, text_encoder=args.text_encoder,
+        tokenizer=args.tokenizer, audio_encoder=args.audio_encoder).require(Path(args.models)))
+    if files is not None:
+        for part in ("dit", "lora", "vae", "text_encoder", "audio_encoder"):
+            pre.check(check_model_file, part, getattr(files, part))
+    pixels = pre.check(load_reference_image, args.image, args.size) if pre.check(parse_size, args.size) else None
+    waveform = pre.check(load_audio, args.audio)
+    if waveform is not None:
+        check_audio(waveform, cfg, pre)
+    tokenizer = pre.check(load_tokenizer, files.tokenizer) if files is not None else None
+    if tokenizer is not None:
+        ids, mask = pre.check(tokenize, tokenizer, args.prompt) or (None, None)
+    precision = args.precision or ("bf16" if device is not None and device.type == "cuda" else "fp32")
+    if all(x is not None for x in (device, files, pixels)) and not args.workers and args.host_ram != 0:
+        # host RAM, by the planner (with workers the ranks hold the DiT in their own processes)
+        ram = pre.check(preload_host_check, files.dit, precision, pixels.shape[-1], pixels.shape[-2], cfg, device,
+                        args.host_ram)
+        if ram is not None and not ram.fits:
+            pre.problems.append(ram.message)
+    pre.finish()
+    print("\n".join(files.report()), file=sys.stderr, flush=True)  # which file each part is, and what was passed over
+
     dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(precision, torch.bfloat16)
     if device.type == "cpu" and precision != "fp32":
         dtype = torch.float32  # encoders and VAE stay float32 on the CPU
-    cfg = SamplerConfig(steps=args.steps, frames_per_clip=args.frames_per_clip)
-    cfg.validate()
-
-    # Everything that can be checked cheaply is checked before any model is loaded.
-    out = check_writable(args.out)
-    files = find_model_files(args.models, dit=args.dit, lora=args.lora, vae=args.vae, text_encoder=args.text_encoder,
-                             tokenizer=args.tokenizer, audio_encoder=args.audio_encoder).require(Path(args.models))
-    print("\n".join(files.report()), file=sys.stderr, flush=True)  # which file each part is, and what was passed over
-    parse_size(args.size)
-    pixels = load_reference_image(args.image, args.size)
-    if not args.workers and args.host_ram != 0:  # host RAM, by the planner (workers: ranks in their own processes)
-        ram = preload_host_check(files.dit, precision, pixels.shape[-1], pixels.shape[-2], cfg, device, args.host_ram)
-        if not ram.fits:
-            raise ValueError(ram.message)
-    waveform = load_audio(args.audio)
-    tokenizer = load_tokenizer(files.tokenizer)
-    ids, mask = tokenize(tokenizer, args.prompt)
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     log(f"text encoder {files.text_encoder.name}")
-    text_encoder = load_text_encoder(files.text_encoder, dtype=dtype, device=device)
-    text = encode_text(text_encoder, ids, mask).float().cpu()
-    _free(text_encoder)
+    text = _encode_prompt(files.text_encoder, ids, mask, dtype, device)
+    _release_memory()
 
     log(f"VAE {files.vae.name}")
     vae = load_wan_vae(files.vae, device=device, dtype=dtype)
     sink = encode_reference(vae, pixels, cfg)
 
     log(f"audio encoder {files.audio_encoder.name}")
-    audio_encoder = load_audio_encoder(files.audio_encoder, dtype=dtype, device=device)
-    audio = encode_audio(audio_encoder, args.audio)
+    audio = AudioFeatures(load_audio_encoder(files.audio_encoder, dtype=dtype, device=device), waveform)
+    audio.release_encoder()  # off the device before the DiT loads; gone if the track was encoded in one pass
+    _release_memory()
 
     cond = Conditioning(text, audio, sink, *pixels.shape[1:])
     if args.workers:
@@ -107,4 +127,4 @@ def run_generate(args: argparse.Namespace) -> Path:
     log(f"generating {stream.num_clips} clips = {stream.total_frames} frames at {cond.width}x{cond.height}, "
         f"{cfg.steps} steps, seed {args.seed} ({waveform.duration:.1f} s of audio)")
     with torch.inference_mode():
-        return write_mp4(stream, out, audio=args.audio, on_chunk=BlockProgress(stream.blocks_total, stream.total_frames))
+        return write_with_progress(stream, out, audio=args.audio)

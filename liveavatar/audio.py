@@ -253,6 +253,21 @@ class AudioFeatures:
             out[:, sel] = self._window_states(w)[:, idx[sel] - w * self._window].float()
         return out
 
+    def release_encoder(self, offload_device: str | torch.device = "cpu") -> None:
+        """Let the encoder's device memory go before sampling (what the VRAM plan assumes).
+
+        A track encoded in one pass is encoded now and the encoder reference is dropped (the caller's
+        last reference then frees it); a longer track keeps the encoder for its later windows, moved
+        to ``offload_device`` (the plan's host copy), where those windows are then encoded.
+        """
+        if self.encoder is None:
+            return
+        if self._window >= self.num_50hz:
+            self._window_states(0)
+            self.encoder = None
+        else:
+            self.encoder.to(offload_device)
+
     # -- internals ----------------------------------------------------------------------------
 
     def _count_frames_with_audio(self) -> int:

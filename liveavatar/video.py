@@ -11,7 +11,7 @@ with a piped video overshoots or undershoots by up to half a second). Audio shor
 video is padded with silence, so no generated frame is lost.
 
 ``close()`` gives the result its final name. If the writer is left through an exception
-(including ``KeyboardInterrupt``) the frames written so far are finalised, with their sound,
+(including ``KeyboardInterrupt``, or SIGTERM where the CLI turns it into one) the frames written so far are finalised, with their sound,
 into a playable file that keeps its ``.partial`` name, and the exception propagates.
 """
 from __future__ import annotations
@@ -28,7 +28,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Mp4Writer", "VideoOutputError", "check_writable", "partial_path_for", "write_wav"]
+__all__ = ["Mp4Writer", "VIDEO_SUFFIXES", "VideoOutputError", "check_writable", "partial_path_for", "write_wav"]
+
+# Containers that take H.264 + AAC as written here (ffmpeg picks the container from the suffix).
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv")
 
 
 class VideoOutputError(OSError):
@@ -42,15 +45,21 @@ def partial_path_for(path: str | Path) -> Path:
 
 
 def check_writable(path: str | Path, create_dirs: bool = True) -> Path:
-    """Make sure a file can be created at ``path``; raise :class:`VideoOutputError` if not.
+    """Make sure a video file can be created at ``path``; raise :class:`VideoOutputError` if not.
 
-    Missing parent directories are created when ``create_dirs``. The check really creates
-    (and removes) a temporary file in the directory, since permission bits lie for root and
-    on some network filesystems. Returns the absolute path.
+    The suffix must name a container ffmpeg writes H.264 + AAC into (:data:`VIDEO_SUFFIXES`):
+    ffmpeg picks the container from it, and without one the mux fails only after the whole
+    video was made. Missing parent directories are created when ``create_dirs``. The check
+    really creates (and removes) a temporary file in the directory, since permission bits lie
+    for root and on some network filesystems. Returns the absolute path.
     """
     path = Path(path).expanduser().absolute()
     if path.is_dir():
         raise VideoOutputError(f"cannot write the video to {path}: it is a directory")
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        found = f"'{path.suffix}'" if path.suffix else "none"
+        raise VideoOutputError(f"cannot write the video to {path}: expected a video file name ending in "
+                               f"{', '.join(VIDEO_SUFFIXES)}; found extension {found}")
     parent = path.parent
     if create_dirs and not parent.exists():
         try:
@@ -95,25 +104,34 @@ def write_wav(path: str | Path, waveform: Any, sample_rate: int) -> None:
         f.writeframes(np.ascontiguousarray(pcm.T).tobytes())
 
 
+_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
 def _sigint_deferred():
-    """Hold back Ctrl+C while a frame is handed to ffmpeg (an interrupt inside
-    imageio-ffmpeg's generator would kill ffmpeg and leave an unplayable file)."""
+    """Hold back Ctrl+C and SIGTERM while a frame is handed to ffmpeg or ffmpeg finishes (an
+    exception inside imageio-ffmpeg's generator would kill ffmpeg and leave an unplayable file).
+    A signal that arrived meanwhile is delivered again, to the restored handler, on the way out."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    caught: list = []
+    caught: list[int] = []
+    previous: dict[int, Any] = {}
     try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+        for sig in _DEFERRED_SIGNALS:
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
     except ValueError:  # not allowed here (e.g. embedded interpreter)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            raise KeyboardInterrupt
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
 
 
 class Mp4Writer:

@@ -1,6 +1,7 @@
 """``python -m liveavatar demo`` makes a real MP4 with frames and sound from the whole pipeline."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,42 @@ def test_demo_on_two_workers_gives_the_same_video(tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         outs.append(_decoded(out))
     assert outs[0] == outs[1] == outs[2]
+
+
+def test_demo_refuses_an_output_name_without_a_video_extension(tmp_path):
+    cmd = [sys.executable, "-m", "liveavatar", "demo", "--out", str(tmp_path / "clip.txt")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "found extension '.txt'" in result.stderr and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_keeps_a_partial_with_sound_and_names_it(tmp_path, sig):
+    """Ctrl+C and SIGTERM both finalise the partial video with its sound and print its path on a line of its own."""
+    out = tmp_path / "long.mp4"
+    cmd = [sys.executable, "-m", "liveavatar", "demo", "--out", str(out), "--size", "128*128", "--seconds", "3",
+           "--num-clips", "2"]
+    # unbuffered: communicate() reads the pipe itself and would miss bytes a buffered reader had taken
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    seen = b""
+    try:
+        while b"blocks," not in seen:  # the first block is in the file: interrupt now
+            byte = proc.stderr.read(1)
+            assert byte, f"demo ended before its first block: {seen.decode()[-2000:]}"
+            seen += byte
+        proc.send_signal(sig)
+        _, rest = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    stderr = (seen + rest).decode()
+    partial = tmp_path / "long.partial.mp4"
+    name = signal.Signals(sig).name
+    assert proc.returncode == 128 + sig, stderr[-2000:]
+    assert "Traceback" not in stderr
+    lines = stderr.split("\n")
+    message = [line for line in lines if line.startswith(f"interrupted by {name} after ")]
+    assert message and message[0].endswith(f"the partial video (with sound) is {partial}"), stderr[-2000:]
+    assert partial.is_file() and not out.exists()
+    streams, _ = probe_media(partial)
+    assert ("Video", "h264") in streams and ("Audio", "aac") in streams

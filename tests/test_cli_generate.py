@@ -1,9 +1,11 @@
 """``python -m liveavatar generate`` on tiny models written in real file formats."""
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -142,3 +144,100 @@ def test_generate_from_tiny_models_in_comfyui_layout(tmp_path):
     frames, _ = imageio_ffmpeg.count_frames_and_secs(str(out))
     streams, audio_secs = probe_media(out)
     assert frames % 12 == 9 and ("Audio", "aac") in streams and audio_secs > 1.0
+
+
+class _StopBeforeDiT(Exception):
+    pass
+
+
+def test_encoders_are_freed_before_the_dit_loads(models, inputs, tmp_path, monkeypatch):
+    """The plan frees umT5 after encoding and keeps no audio encoder on the device while sampling: by the
+    time the DiT loads, the text encoder object is gone, and so is wav2vec2 for a track encoded in one pass."""
+    from liveavatar_pack import cli
+    from liveavatar_pack.cli import generate
+
+    refs: dict[str, weakref.ref] = {}
+    alive: dict[str, bool] = {}
+
+    def recording(name, loader):
+        def load(*args, **kwargs):
+            model = loader(*args, **kwargs)
+            refs[name] = weakref.ref(model)
+            return model
+        return load
+
+    def dit_loader(*args, **kwargs):
+        alive.update({name: ref() is not None for name, ref in refs.items()})  # no gc.collect(): generate must free
+        raise _StopBeforeDiT
+
+    monkeypatch.setattr(generate, "load_text_encoder", recording("text encoder", generate.load_text_encoder))
+    monkeypatch.setattr(generate, "load_audio_encoder", recording("audio encoder", generate.load_audio_encoder))
+    monkeypatch.setattr(generate, "load_dit", dit_loader)
+    with pytest.raises(_StopBeforeDiT):
+        cli.main(["generate", "--models", str(models), "--image", str(inputs / "face.png"), "--audio",
+                  str(inputs / "voice.wav"), "--size", "128*128", "--vae", str(models / "vae" / "wan_2.1_vae_diffusers"),
+                  "--device", "cpu", "--out", str(tmp_path / "x.mp4")])
+    assert alive == {"text encoder": False, "audio encoder": False}
+    gc.collect()
+
+
+def test_output_without_video_extension_is_refused_before_loading(models, inputs, tmp_path):
+    result = _generate(models, inputs, tmp_path / "out" / "c7", "--num-clips", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "expected a video file name ending in .mp4" in result.stderr and "found extension none" in result.stderr
+    assert "text encoder" not in result.stderr  # nothing was loaded
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_problem_is_reported_in_one_pass_before_loading(models, inputs, tmp_path):
+    """Too-short audio, a truncated VAE and a bad device name: three one-line errors, nothing loaded."""
+    soundfile.write(tmp_path / "blip.wav", synth_speech(0.01, 16000), 16000)  # 160 samples < one wav2vec2 frame
+    vae = next((models / "vae" / "wan_2.1_vae_diffusers").glob("*.safetensors")).read_bytes()
+    (tmp_path / "cut_vae.safetensors").write_bytes(vae[: len(vae) // 2])
+    cmd = [sys.executable, "-m", "liveavatar", "generate", "--models", str(models), "--image", str(inputs / "face.png"),
+           "--audio", str(tmp_path / "blip.wav"), "--vae", str(tmp_path / "cut_vae.safetensors"), "--device", "gpu",
+           "--size", "128*128", "--out", str(tmp_path / "x.mp4")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 3, result.stderr
+    assert any("blip.wav: audio too short: 160 samples" in e for e in errors)
+    assert any("cut_vae.safetensors: truncated safetensors file" in e for e in errors)
+    assert any("--device 'gpu': expected auto, cpu, cuda or cuda:N" in e for e in errors)
+    assert "text encoder" not in result.stderr and not (tmp_path / "x.mp4").exists()
+
+
+@pytest.mark.skipif(torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None,
+                    reason="checks a CPU-only torch")
+def test_cuda_on_a_cpu_only_torch_is_one_line_before_loading(models, inputs, tmp_path):
+    result = _generate(models, inputs, tmp_path / "x.mp4", "--device", "cuda")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "error: --device cuda: this torch" in result.stderr and "CPU-only build" in result.stderr
+    assert "text encoder" not in result.stderr
+
+
+def test_silent_and_short_audio_are_warned_about(models, inputs, tmp_path):
+    """Silence and a track shorter than one clip still run, with a warning each (stopped here by a bad --out)."""
+    soundfile.write(tmp_path / "quiet.wav", np.zeros(16000, dtype=np.float32), 16000)  # 1 s of silence
+    result = _generate(models, inputs, tmp_path / "x", "--audio", str(tmp_path / "quiet.wav"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert any("quiet.wav is silent or nearly" in w for w in warnings), result.stderr
+    assert any("quiet.wav is 1.00 s, shorter than one clip (48 frames = 1.92 s)" in w for w in warnings), result.stderr
+
+
+def test_model_file_checks_read_headers_only(models, tmp_path):
+    """A model of the wrong kind in a slot and a truncated .pth zip are refused from their headers."""
+    from liveavatar_pack.cli.commands import UserError
+    from liveavatar_pack.cli.preflight import check_model_file
+
+    text = models / "text_encoders" / "umt5_tiny.safetensors"
+    check_model_file("text_encoder", text)
+    with pytest.raises(UserError, match=r"expected the vae \(Wan VAE\); found a umT5 text encoder"):
+        check_model_file("vae", text)
+    pth = tmp_path / "vae.pth"
+    torch.save({"w": torch.zeros(1000)}, pth)
+    check_model_file("vae", pth)
+    pth.write_bytes(pth.read_bytes()[:2000])
+    with pytest.raises(UserError, match="truncated or damaged zip"):
+        check_model_file("vae", pth)
