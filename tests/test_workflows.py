@@ -10,8 +10,12 @@ import pytest
 
 from node_env import comfy_double
 
-WORKFLOWS = Path(__file__).resolve().parent.parent / "example_workflows"
-UI_FILES = sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith("_api.json"))
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS = ROOT / "example_workflows"
+API_WORKFLOWS = ROOT / "api_workflows"
+UI_FILES = sorted(WORKFLOWS.glob("*.json"))
+# folders ComfyUI's template browser scans in a custom node pack (app/custom_node_manager.py)
+SCANNED = ("example_workflows", "example", "examples", "workflow", "workflows")
 
 # Core ComfyUI nodes the examples use: (sockets [(name, type)], widgets [(name, kind, options)], outputs)
 CORE = {
@@ -79,7 +83,18 @@ def test_there_are_the_three_examples():
     names = {p.stem for p in UI_FILES}
     assert {"liveavatar_single_gpu", "liveavatar_24gb_low_vram", "liveavatar_core_loaders"} <= names
     for p in UI_FILES:
-        assert (WORKFLOWS / f"{p.stem}_api.json").is_file(), f"{p.name} has no API twin"
+        assert (API_WORKFLOWS / f"{p.stem}_api.json").is_file(), f"{p.name} has no API twin"
+
+
+def test_scanned_folders_hold_only_ui_workflows_with_thumbnails():
+    """The template browser lists every .json of these folders; an API-format file opens as an empty canvas."""
+    for folder in SCANNED:
+        for path in sorted((ROOT / folder).glob("*.json")) if (ROOT / folder).is_dir() else []:
+            data = json.loads(path.read_text())
+            assert "nodes" in data and "links" in data and "version" in data, f"{path} is not a UI-format workflow"
+            thumb = path.with_suffix(".jpg")
+            assert thumb.is_file(), f"{path.name} has no thumbnail {thumb.name}"
+            assert thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"{thumb.name} is not a JPEG"
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
@@ -119,7 +134,7 @@ def _optional(table, node_type) -> set[str]:
 def test_api_twin_is_the_same_graph(path, schemas):
     table, inputs, files = schemas
     ui = json.loads(path.read_text())
-    api = json.loads((WORKFLOWS / f"{path.stem}_api.json").read_text())
+    api = json.loads((API_WORKFLOWS / f"{path.stem}_api.json").read_text())
     nodes = {str(n["id"]): n for n in ui["nodes"]}
     assert set(api) == set(nodes)
     for link_id, src, src_slot, dst, dst_slot, typ in ui["links"]:
@@ -131,3 +146,36 @@ def test_api_twin_is_the_same_graph(path, schemas):
         for widget in widgets:
             name = widget[0] if isinstance(widget, tuple) else widget.id
             _check_widget(node["class_type"], widget, node["inputs"][name], inputs, files)
+
+
+def test_tiny_models_fill_a_comfyui_install_readably(tmp_path):
+    """Into ComfyUI/models: files get the umask's mode (not 0600) and the inputs land in ComfyUI/input, said so."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    comfy = tmp_path / "ComfyUI"
+    (comfy / "models").mkdir(parents=True)
+    (comfy / "main.py").write_text("")
+    (comfy / "folder_paths.py").write_text("")
+    run = subprocess.run([sys.executable, "-m", "liveavatar", "tiny-models", "--out", str(comfy / "models")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, preexec_fn=lambda: os.umask(0o022))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert sorted(p.name for p in (comfy / "input").iterdir()) == ["liveavatar_example.png", "liveavatar_example.wav"]
+    assert not (comfy / "models" / "input").exists()
+    assert f"ComfyUI's input folder {comfy / 'input'}" in run.stdout
+    files = [p for p in comfy.rglob("*") if p.is_file() and p.name not in ("main.py", "folder_paths.py")]
+    assert len(files) >= 12
+    modes = {str(p.relative_to(comfy)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+    assert set(modes.values()) == {"0o644"}, modes
+
+
+def test_tiny_models_elsewhere_keep_inputs_beside_the_models(tmp_path):
+    from liveavatar_pack.cli.tiny_models import inputs_dir
+
+    (tmp_path / "models").mkdir()
+    assert inputs_dir(tmp_path / "models") == tmp_path / "models" / "input"  # not a ComfyUI install
+    (tmp_path / "main.py").write_text("")
+    (tmp_path / "folder_paths.py").write_text("")
+    assert inputs_dir(tmp_path / "models") == tmp_path.resolve() / "input"
