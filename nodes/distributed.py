@@ -52,7 +52,8 @@ class DistributedBackend:
         self.options = options
         self.stats: dict[int, dict] = {}
 
-    def blocks(self, cond, cfg, seed, num_clips, check_cancel):
+    def blocks(self, cond, cfg, seed, num_clips, check_cancel, on_call=None):
+        """The workers report whole blocks only: progress moves per block (``LatentStream`` does it)."""
         from ..distributed.launcher import shared_pool
         from ..distributed.sampler import DistributedSampler
 

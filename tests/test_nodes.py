@@ -55,15 +55,17 @@ def sample(graph, **kw):
 
 
 @pytest.fixture
-def dit_calls(graph):
-    """Counts DiT block forwards; ``interrupt_after`` raises ComfyUI's interrupt flag after that many."""
+def dit_calls(env, graph):
+    """Counts DiT block forwards; ``interrupt_after`` raises ComfyUI's interrupt flag after that many.
+    ``progress_before`` holds, for every call, the highest progress value reported before it."""
     from liveavatar_pack.nodes import runtime
 
     model = graph["model"].model
-    state = {"calls": 0, "interrupt_after": None}
+    state = {"calls": 0, "interrupt_after": None, "progress_before": []}
     original = model.forward_block
 
     def counting(*args, **kwargs):
+        state["progress_before"].append(max((u[0] for u in env.utils.updates), default=0))
         state["calls"] += 1
         if state["interrupt_after"] is not None and state["calls"] >= state["interrupt_after"]:
             runtime.mm.interrupt_current_processing(True)
@@ -120,7 +122,28 @@ def test_save_streams_an_mp4_with_sound_and_progress(env, graph, dit_calls):
     assert ("Video", "h264") in streams and any(k == "Audio" for k, _ in streams)
     assert audio_secs == pytest.approx(latents.total_frames / 25, abs=0.05)
     assert dit_calls["calls"] == 8 * 2
-    assert [u[0] for u in env.utils.updates] == list(range(1, 9)) and all(u[2][0] == "JPEG" for u in env.utils.updates)
+    # progress per DiT call (8 blocks x 2 steps), before the next call starts; a preview per decoded block
+    assert dit_calls["progress_before"] == list(range(16))
+    values = [u[0] for u in env.utils.updates]
+    assert sorted(set(values)) == list(range(1, 17)) and values == sorted(values)
+    assert {u[1] for u in env.utils.updates} == {16}
+    previews = [u for u in env.utils.updates if u[2] is not None]
+    assert [u[0] for u in previews] == list(range(2, 17, 2)) and all(u[2][0] == "JPEG" for u in previews)
+
+
+def test_reference_image_reports_progress_per_vae_encoder_call(env, graph):
+    """The reference encode (1 image + the 73-frame motion clip, fed 1, 4, 4, ... frames) moves the bar 20 times."""
+    from liveavatar_pack.nodes import conditioning
+
+    encoder, calls = graph["vae"].vae.model.encoder, []
+    handle = encoder.register_forward_hook(lambda *_: calls.append(max((u[0] for u in env.utils.updates), default=0)))
+    env.utils.updates.clear()
+    try:
+        run(conditioning.ReferenceImage, image=graph["image"], vae=graph["vae"], size=SIZE)
+    finally:
+        handle.remove()
+    assert len(calls) == 20
+    assert [u[0] for u in env.utils.updates] == list(range(1, 21)) and {u[1] for u in env.utils.updates} == {20}
 
 
 def test_changing_only_the_save_settings_runs_no_dit_call(env, graph, dit_calls):
