@@ -108,6 +108,17 @@ def test_models_are_registered_with_model_management(env, graph):
         assert id(module) in registered
 
 
+def test_model_management_is_told_the_real_size(env, graph):
+    """ModelPatcher gets the bytes the module holds (parameters and buffers), counted here independently."""
+    patchers = {id(p.model.inner): p for p in env.mm.loaded}
+    for module in (graph["vae"].vae.model, graph["te"].model, graph["ae"].model):
+        expected = sum(p.numel() * p.element_size() for p in module.parameters())
+        expected += sum(b.numel() * b.element_size() for b in module.buffers())
+        patcher = patchers[id(module)]
+        assert patcher.size == expected and patcher.model_size() == expected > 0
+        assert type(patcher.model).__name__ == f"LiveAvatar{type(module).__name__}"  # "Requested to load ..." in the log
+
+
 # ------------------------------------------------------------------------------------ running
 def test_save_streams_an_mp4_with_sound_and_progress(env, graph, dit_calls):
     from liveavatar_pack.nodes import output
