@@ -2,6 +2,7 @@
 exist, links connect matching types, widget values are valid, and the twins describe the same graph."""
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 from pathlib import Path
@@ -25,7 +26,9 @@ CORE = {
     "CLIPTextEncode": ([("clip", "CLIP")], [("text", "STRING", None)], ["CONDITIONING"]),
     "AudioEncoderLoader": ([], [("audio_encoder_name", "COMBO", "audio_encoders")], ["AUDIO_ENCODER"]),
     "AudioEncoderEncode": ([("audio_encoder", "AUDIO_ENCODER"), ("audio", "AUDIO")], [], ["AUDIO_ENCODER_OUTPUT"]),
+    "PreviewAny": ([("source", "*")], [], []),
 }
+TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its ``pos``
 UI_ONLY_TRAILING = {"LoadImage": 1, "LoadAudio": 2}  # upload widgets the frontend stores after the real ones
 
 
@@ -109,7 +112,7 @@ def test_ui_workflow_matches_schemas(path, schemas):
         assert outputs[src_slot] == typ, f"link {link_id}: {nodes[src]['type']} output {src_slot} is {outputs[src_slot]}, not {typ}"
         dst_input = nodes[dst]["inputs"][dst_slot]
         expected = dict(sockets)[dst_input["name"]]
-        assert expected == typ, f"link {link_id}: {nodes[dst]['type']}.{dst_input['name']} takes {expected}, not {typ}"
+        assert expected in (typ, "*"), f"link {link_id}: {nodes[dst]['type']}.{dst_input['name']} takes {expected}, not {typ}"
         assert dst_input["link"] == link_id
     for node in wf["nodes"]:
         sockets, widgets, _ = _signature(table, node["type"])
@@ -122,6 +125,33 @@ def test_ui_workflow_matches_schemas(path, schemas):
             if not isinstance(widget, tuple) and widget.id == "seed":  # control_after_generate's own value
                 assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
         assert len(values) == UI_ONLY_TRAILING.get(node["type"], 0), f"{node['type']}: extra widget values {values}"
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_nodes_do_not_overlap(path):
+    """Saved boxes (title bar included) are disjoint, so the example opens readable in the browser."""
+    nodes = json.loads(path.read_text())["nodes"]
+    boxes = {n["id"]: (n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in nodes}
+    types = {n["id"]: n["type"] for n in nodes}
+    for a, b in itertools.combinations(sorted(boxes), 2):
+        (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes[a], boxes[b]
+        assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, \
+            f"{path.name}: node {a} ({types[a]}) overlaps node {b} ({types[b]})"
+    for n in nodes:
+        if n["type"] == "LoadImage":  # the frontend grows it to show the image: 314 px at 320 wide
+            assert n["size"][1] >= 314, f"{path.name}: LoadImage is drawn taller than its saved {n['size']}"
+
+
+def test_low_vram_example_shows_the_plan():
+    """The VRAM Plan's text output is wired to core 'Preview Any' (which displays text in the browser)."""
+    wf = json.loads((WORKFLOWS / "liveavatar_24gb_low_vram.json").read_text())
+    types = {n["id"]: n["type"] for n in wf["nodes"]}
+    plan_links = [link for link in wf["links"] if types[link[1]] == "LiveAvatarVRAMPlan" and link[2] == 0]
+    assert plan_links and all(types[link[3]] == "PreviewAny" for link in plan_links)
+    api = json.loads((API_WORKFLOWS / "liveavatar_24gb_low_vram_api.json").read_text())
+    plan_id = next(k for k, v in api.items() if v["class_type"] == "LiveAvatarVRAMPlan")
+    assert any(v["class_type"] == "PreviewAny" and v["inputs"]["source"] == [plan_id, 0] for v in api.values())
 
 
 def _optional(table, node_type) -> set[str]:
