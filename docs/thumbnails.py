@@ -43,7 +43,9 @@ BOUNDS = """(() => {
   return [Math.max(0, px(x0) - m), Math.max(0, py(y0) - m), Math.min(innerWidth, px(x1) + m),
           Math.min(innerHeight, py(y1) + m)].map(Math.round);
 })()"""
-SETTINGS = {"Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False}
+# a clean, full-detail picture: no minimap, no canvas statistics, no low-detail rendering when zoomed out
+# (the server stores settings per user: the previous values are put back afterwards)
+SETTINGS = {"Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False, "LiteGraph.Canvas.MinFontSizeForLOD": 0}
 
 
 class Page:
@@ -111,32 +113,41 @@ async def shoot(server: str, chromium: str, names: list[str], run: set[str], out
                     await page.wait_for("window.app && window.app.graph && window.app.canvas && true")
                     await asyncio.sleep(3)
                     await page.js("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click())")
-                    for key, value in SETTINGS.items():  # a clean picture: no minimap, no canvas statistics
-                        await page.js(f"app.extensionManager.setting.set({json.dumps(key)}, {json.dumps(value)})"
-                                      ".then(() => true)")
-                    for name in names:
-                        wf = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
-                        await page.js(f"app.loadGraphData({json.dumps(wf)}).then(() => true)")
-                        await asyncio.sleep(2)
-                        if name in run:
-                            await page.js("app.queuePrompt(0).then(() => true)")
-                            await asyncio.sleep(2)
-                            await page.wait_for("fetch('/queue').then(r => r.json()).then(q => "
-                                                "q.queue_running.length + q.queue_pending.length === 0)", 900)
-                            await asyncio.sleep(2)
-                        await page.js("app.canvas.ds && app.extensionManager.command.execute('Comfy.Canvas.FitView')")
-                        await asyncio.sleep(1.5)
-                        image = (await page.screenshot()).crop(await page.js(BOUNDS))
-                        if raw is not None:
-                            raw.mkdir(parents=True, exist_ok=True)
-                            image.save(raw / f"{name}.png")
-                        thumb = image.resize((thumb_width, round(thumb_width * image.height / image.width)), Image.LANCZOS)
-                        target = out / f"{name}.jpg"
-                        thumb.save(target, "JPEG", quality=85, optimize=True)
-                        print(target)
+                    setting = "app.extensionManager.setting"
+                    before = {k: await page.js(f"{setting}.get({json.dumps(k)})") for k in SETTINGS}
+                    for key, value in SETTINGS.items():
+                        await page.js(f"{setting}.set({json.dumps(key)}, {json.dumps(value)}).then(() => true)")
+                    try:
+                        await shoot_all(page, names, run, out, raw, thumb_width)
+                    finally:
+                        for key, value in before.items():
+                            await page.js(f"{setting}.set({json.dumps(key)}, {json.dumps(value)}).then(() => true)")
         finally:
             proc.terminate()
             proc.wait(30)
+
+
+async def shoot_all(page: Page, names: list[str], run: set[str], out: Path, raw: Path | None, thumb_width: int) -> None:
+    for name in names:
+        wf = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
+        await page.js(f"app.loadGraphData({json.dumps(wf)}).then(() => true)")
+        await asyncio.sleep(2)
+        if name in run:
+            await page.js("app.queuePrompt(0).then(() => true)")
+            await asyncio.sleep(2)
+            await page.wait_for("fetch('/queue').then(r => r.json()).then(q => "
+                                "q.queue_running.length + q.queue_pending.length === 0)", 900)
+            await asyncio.sleep(2)
+        await page.js("app.canvas.ds && app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+        await asyncio.sleep(1.5)
+        image = (await page.screenshot()).crop(await page.js(BOUNDS))
+        if raw is not None:
+            raw.mkdir(parents=True, exist_ok=True)
+            image.save(raw / f"{name}.png")
+        thumb = image.resize((thumb_width, round(thumb_width * image.height / image.width)), Image.LANCZOS)
+        target = out / f"{name}.jpg"
+        thumb.save(target, "JPEG", quality=85, optimize=True)
+        print(target)
 
 
 def main() -> None:
