@@ -1,10 +1,11 @@
 """``python -m liveavatar run-workflow``: run an API-format workflow on a ComfyUI server, fetch its videos.
 
 The pack's examples in API format are ``api_workflows/<example>_api.json`` (the UI-format ones in
-``example_workflows/`` are what ComfyUI's template browser shows). POST /prompt, then poll /history/<prompt_id> until the prompt finished (or failed), then download
-every output file (videos, images, audio) through /view into --out. Node errors (validation
-or execution) are printed readably: node id, node type, input, message. Standard library only;
-the server defaults to loopback.
+``example_workflows/`` are what ComfyUI's template browser shows). POST /prompt, then poll
+/history/<prompt_id> until the prompt finished (or failed), then download every output file
+(videos, images, audio) through /view into --out and print text outputs (the VRAM Plan's
+verdict). Node errors (validation or execution) are printed readably: node id, node type,
+input, message. Standard library only; the server defaults to loopback.
 """
 from __future__ import annotations
 
