@@ -30,6 +30,27 @@ import folder_paths
 NONE = "none"
 
 
+def short_error_names() -> list[type]:
+    """Errors our nodes raise print as ``liveavatar.<Name>`` in ComfyUI, not with the pack's folder path.
+
+    ComfyUI reports an exception's type as ``module + '.' + qualname``; the pack is imported under
+    its folder path, so the type read e.g. ``/x/custom_nodes/ComfyUI-LiveAvatar.model_loaders.formats.ModelFileError``.
+    """
+    from ..distributed.launcher import GPUsNotFound, WorkerError
+    from ..liveavatar.lora import LoraError
+    from ..liveavatar.sampler import Cancelled
+    from ..liveavatar.video import VideoOutputError
+    from ..model_loaders.formats import ModelFileError
+
+    classes = [ModelFileError, LoraError, VideoOutputError, WorkerError, GPUsNotFound, Cancelled]
+    for cls in classes:
+        cls.__module__ = "liveavatar"
+    return classes
+
+
+short_error_names()
+
+
 def model_files(kind: str) -> list[str]:
     """File names ComfyUI knows in folder ``kind`` (diffusion_models, loras, vae, ...)."""
     return list(folder_paths.get_filename_list(kind))

@@ -171,11 +171,15 @@ def test_missing_gpus_are_refused_before_anything_starts(env, monkeypatch):
         launcher.WorkerPool(launcher.PoolOptions(workers=4, gpus=(0, 1, 2, 3))).start()
 
 
-def test_errors_print_a_short_type_name():
+def test_errors_print_a_short_type_name(env):
     """ComfyUI shows ``type.__module__ + '.' + type.__qualname__``: not the pack's folder path."""
     from liveavatar_pack.distributed import launcher
+    from liveavatar_pack.model_loaders.formats import ModelFileError
+    from liveavatar_pack.nodes import runtime
 
-    for cls in (launcher.WorkerError, launcher.GPUsNotFound):
+    classes = runtime.short_error_names()
+    assert {launcher.WorkerError, launcher.GPUsNotFound, ModelFileError} <= set(classes)
+    for cls in classes:
         assert f"{cls.__module__}.{cls.__qualname__}" == f"liveavatar.{cls.__name__}"
 
 

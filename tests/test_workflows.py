@@ -209,3 +209,11 @@ def test_tiny_models_elsewhere_keep_inputs_beside_the_models(tmp_path):
     (tmp_path / "main.py").write_text("")
     (tmp_path / "folder_paths.py").write_text("")
     assert inputs_dir(tmp_path / "models") == tmp_path.resolve() / "input"
+
+
+def test_run_workflow_refuses_a_ui_file_naming_its_api_twin():
+    from liveavatar_pack.cli.run_workflow import load_api_workflow
+
+    with pytest.raises(ValueError, match=r"UI-format workflow; use its API-format twin .*api_workflows/liveavatar_single_gpu_api\.json"):
+        load_api_workflow(WORKFLOWS / "liveavatar_single_gpu.json")
+    assert load_api_workflow(API_WORKFLOWS / "liveavatar_single_gpu_api.json")["10"]["class_type"] == "LiveAvatarSampler"
