@@ -110,12 +110,17 @@ class LatentStream:
             progress((clip * per_clip + block) * steps + step + 1)
 
         blocks = self.backend.blocks(self.cond, self.cfg, self.seed, self.num_clips, check_cancel, on_call)
-        for i, block in enumerate(blocks):
-            latents = block.latents.detach().float().cpu().contiguous()
-            torch.save({"clip": block.clip, "block": block.block, "latents": latents}, self._block_file(i))
-            count += 1
-            progress((i + 1) * steps)  # backends that report only whole blocks (the distributed pool)
-            yield type(block)(block.clip, block.block, latents)
+        try:
+            for i, block in enumerate(blocks):
+                latents = block.latents.detach().float().cpu().contiguous()
+                torch.save({"clip": block.clip, "block": block.block, "latents": latents}, self._block_file(i))
+                count += 1
+                progress((i + 1) * steps)  # backends that report only whole blocks (the distributed pool)
+                yield type(block)(block.clip, block.block, latents)
+        finally:
+            # Stop the backend now, also when ComfyUI's progress hook raised the interrupt here: the traceback
+            # keeps this frame alive, and the sampler (its caches, the workers' job) must not wait for it.
+            blocks.close()
         if count != self.blocks_total:
             raise RuntimeError(f"the sampler produced {count} blocks, {self.blocks_total} expected")
         (self.cache_dir / "complete").write_text(str(count))
