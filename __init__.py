@@ -6,6 +6,7 @@ asks for the extension through ``comfy_entrypoint``.
 """
 
 __version__ = "0.1.0"
+WEB_DIRECTORY = "./web"  # frontend extension: shows the VRAM Plan node's verdict on the node
 
 
 async def comfy_entrypoint():

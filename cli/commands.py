@@ -163,14 +163,22 @@ class TinyModels:
         p = sub.add_parser(self.name, help="write tiny random model files (ComfyUI folder layout) for the example workflows",
                            description=self.__doc__)
         p.add_argument("--out", required=True, help="folder to fill (diffusion_models/, loras/, vae/, text_encoders/, "
-                                                    "audio_encoders/, input/); e.g. ComfyUI/models")
+                                                    "audio_encoders/, input/); e.g. ComfyUI/models, whose "
+                                                    "example inputs then go to ComfyUI/input")
         p.set_defaults(run=self.run)
 
     def run(self, args: argparse.Namespace) -> int:
-        from .tiny_models import write_tiny_models
+        from pathlib import Path
+
+        from .tiny_models import inputs_dir, is_comfyui_models_dir, write_tiny_models
 
         for path in write_tiny_models(args.out):
             print(path)
+        where = inputs_dir(Path(args.out))
+        if is_comfyui_models_dir(Path(args.out)):
+            print(f"example inputs written to ComfyUI's input folder {where} (where Load Image / Load Audio list them)")
+        else:
+            print(f"example inputs written to {where}; copy them to ComfyUI's input/ folder to run the examples")
         return 0
 
 
@@ -185,7 +193,7 @@ class RunWorkflow:
         p = sub.add_parser(self.name, help="run an API-format workflow on a ComfyUI server and download the video",
                            description=self.__doc__)
         p.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI address (default loopback :8188)")
-        p.add_argument("--workflow", required=True, help="API-format workflow JSON, e.g. example_workflows/x_api.json")
+        p.add_argument("--workflow", required=True, help="API-format workflow JSON, e.g. api_workflows/liveavatar_single_gpu_api.json")
         p.add_argument("--out", default=".", help="folder for the downloaded outputs")
         p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the prompt")
         p.set_defaults(run=self.run)

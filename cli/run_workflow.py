@@ -1,9 +1,11 @@
 """``python -m liveavatar run-workflow``: run an API-format workflow on a ComfyUI server, fetch its videos.
 
-POST /prompt, then poll /history/<prompt_id> until the prompt finished (or failed), then download
-every output file (videos, images, audio) through /view into --out. Node errors (validation
-or execution) are printed readably: node id, node type, input, message. Standard library only;
-the server defaults to loopback.
+The pack's examples in API format are ``api_workflows/<example>_api.json`` (the UI-format ones in
+``example_workflows/`` are what ComfyUI's template browser shows). POST /prompt, then poll
+/history/<prompt_id> until the prompt finished (or failed), then download every output file
+(videos, images, audio) through /view into --out and print text outputs (the VRAM Plan's
+verdict). Node errors (validation or execution) are printed readably: node id, node type,
+input, message. Standard library only; the server defaults to loopback.
 """
 from __future__ import annotations
 
@@ -85,6 +87,8 @@ def run_workflow(server: str, workflow: dict, out: Path, timeout: float = 3600.0
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for node_id, outputs in entry.get("outputs", {}).items():
+        for text in outputs.get("text", []) or []:  # e.g. the VRAM Plan's verdict, core Preview Any
+            log(f"node {node_id} text:\n{text}")
         for key in ("images", "gifs", "videos", "audio"):
             for item in outputs.get(key, []) or []:
                 if not isinstance(item, dict) or "filename" not in item:
@@ -100,11 +104,22 @@ def run_workflow(server: str, workflow: dict, out: Path, timeout: float = 3600.0
     return files
 
 
+API_DIR = Path(__file__).resolve().parent.parent / "api_workflows"
+
+
 def load_api_workflow(path: str | Path) -> dict:
-    data = json.loads(Path(path).read_text())
+    """An API-format workflow (``api_workflows/*_api.json``); a UI-format file is refused with its twin's path.
+
+    The API twins live outside ``example_workflows/``: ComfyUI's template browser lists every
+    ``.json`` there (and in ``example``, ``examples``, ``workflow``, ``workflows``) and cannot open
+    an API-format file.
+    """
+    path = Path(path)
+    data = json.loads(path.read_text())
     if "nodes" in data and "links" in data:
-        raise ValueError(f"{path} is a UI-format workflow; use its API-format twin (*_api.json), or export one with "
-                         f"'Export (API)' in ComfyUI")
+        twin = API_DIR / f"{path.stem}_api.json"
+        hint = f"use its API-format twin {twin}" if twin.is_file() else "use an API-format workflow"
+        raise ValueError(f"{path} is a UI-format workflow; {hint}, or export one with 'Export (API)' in ComfyUI")
     if not all(isinstance(v, dict) and "class_type" in v for v in data.values()):
         raise ValueError(f"{path}: not an API-format workflow (expected {{id: {{class_type, inputs}}}})")
     return data

@@ -15,6 +15,11 @@ so every example runs unchanged on a CPU (with meaningless output: random weight
 ``input/liveavatar_example.png``, ``input/liveavatar_example.wav``  synthetic face and speech
 =====================================================  =====================================================
 
+When DIR is a ComfyUI installation's ``models/`` folder, the example inputs go to ComfyUI's
+``input/`` folder beside it instead (where 'Load Image' / 'Load Audio' list files). Files are
+written with the user's umask (safetensors' own ``save_file`` creates them 0600, unreadable by a
+ComfyUI running as another user).
+
 The tiny DiT has dim 128 (one 128-wide head, Wan's head size), so its configuration is read off
 the tensor shapes like the real file's. Core ComfyUI loaders (``Load CLIP`` type wan,
 ``AudioEncoderLoader``) hard-code the full umT5-XXL / wav2vec2-large sizes and cannot load tiny
@@ -48,10 +53,11 @@ def tiny_dit_config():
 
 
 def _save(sd: dict, path: Path, metadata: dict | None = None) -> Path:
-    from safetensors.torch import save_file
+    """Write a safetensors file through ``open`` so it gets the umask's mode, like every other file."""
+    from safetensors.torch import save
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+    path.write_bytes(save({k: v.contiguous() for k, v in sd.items()}, metadata=metadata))  # tiny files: fits in RAM
     return path
 
 
@@ -189,8 +195,19 @@ def write_inputs(folder: Path) -> list[Path]:
     return [image, speech]
 
 
+def is_comfyui_models_dir(folder: Path) -> bool:
+    """``folder`` is the ``models/`` folder of a ComfyUI installation (its parent holds ComfyUI's ``main.py``)."""
+    parent = folder.resolve().parent
+    return folder.name == "models" and (parent / "main.py").is_file() and (parent / "folder_paths.py").is_file()
+
+
+def inputs_dir(out: Path) -> Path:
+    """Where the example inputs go: ComfyUI's ``input/`` beside a ComfyUI ``models/`` folder, else ``out/input``."""
+    return out.resolve().parent / "input" if is_comfyui_models_dir(out) else out / "input"
+
+
 def write_tiny_models(out: str | Path) -> list[Path]:
-    """Every tiny model file plus the example inputs under ``out``; returns the paths written."""
+    """Every tiny model file plus the example inputs (see ``inputs_dir``); returns the paths written."""
     out = Path(out)
     paths = write_dit(out / "diffusion_models")
     paths.append(write_lora(out / "loras"))
@@ -198,5 +215,5 @@ def write_tiny_models(out: str | Path) -> list[Path]:
     paths.append(write_text_encoder(out / "text_encoders"))
     paths.append(write_tokenizer(out / "text_encoders" / TOKENIZER_DIR))
     paths.append(write_audio_encoder(out / "audio_encoders"))
-    paths += write_inputs(out / "input")
+    paths += write_inputs(inputs_dir(out))
     return paths

@@ -64,6 +64,16 @@ class WorkerError(RuntimeError):
         self.rank, self.traceback_tail = rank, traceback_tail
 
 
+class GPUsNotFound(ValueError):
+    """The GPUs a pool asks for are not on this machine (found before anything is started)."""
+
+
+# ComfyUI prints an error's type as ``module.qualname``; ours live in a pack imported by its folder
+# path, which made it ``/path/to/custom_nodes/ComfyUI-LiveAvatar.distributed.launcher.WorkerError``.
+for _cls in (WorkerError, GPUsNotFound):
+    _cls.__module__ = "liveavatar"
+
+
 def model_spec(spec: str | dict) -> dict:
     """Normalise a model description to plain data.
 
@@ -168,6 +178,31 @@ def _cuda_count() -> int:
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception:
         return 0
+
+
+def check_gpus(options: PoolOptions, cuda_count: int | None = None, visible: str | None = None) -> None:
+    """Refuse GPU ids this machine does not have, before a process is spawned (torchrun would fail in 20-30 s).
+
+    Ids are relative to this process's ``CUDA_VISIBLE_DEVICES``, as ``worker_env`` maps them.
+    """
+    if options.gpus is None:
+        return  # the first visible GPUs, or gloo on the CPU without CUDA
+    count = _cuda_count() if cuda_count is None else cuda_count
+    missing = [g for g in options.gpus[: options.procs] if g >= count]
+    if not missing:
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    shown = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+    asked = ",".join(str(g) for g in options.gpus[: options.procs])
+    if count == 0:
+        found = f"this machine's torch sees no CUDA GPU{shown} (a CPU-only torch, no driver, or none installed)"
+        fix = "set gpus to 'cpu' to run the workers on the CPU (gloo: slow, for trying it out)"
+    else:
+        ids = ",".join(str(i) for i in range(count))
+        found = f"this machine's torch sees {count} CUDA GPU{'s' * (count > 1)}{shown}: ids {ids}"
+        fix = (f"set gpus to ids among {ids} (e.g. '{ids}') and at most {count} workers, or 'cpu'"
+               if count >= 2 or options.mode != "tpp" else "use 'LiveAvatar Model Loader' on the one GPU, or 'cpu'")
+    raise GPUsNotFound(f"gpus {asked}: GPU {','.join(map(str, missing))} not found; {found}; {fix}")
 
 
 def worker_env(options: PoolOptions, channel: str, token: str, base: dict | None = None) -> tuple[dict, str]:
@@ -304,6 +339,7 @@ class WorkerPool:
 
     def _launch(self) -> None:
         opts = self.options
+        check_gpus(opts)  # before any process, socket or folder exists
         self._dir = tempfile.mkdtemp(prefix="liveavatar-pool-")
         os.chmod(self._dir, 0o700)
         if opts.channel == "unix":

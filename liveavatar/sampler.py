@@ -190,7 +190,9 @@ class StreamingSampler:
         sink_refresh: Callable[[torch.Tensor], SinkInputs] | None = None,
         cache_storage: CacheStorage | None = None,
         check_cancel: Callable[[], None] | None = None,
+        on_call: Callable[[int, int, int], None] | None = None,
     ):
+        """``on_call(clip, block, step)`` runs after every DiT call (progress: ``steps`` per block)."""
         cfg.validate()
         self.model, self.cfg, self.audio, self.sink, self.seed = model, cfg, audio, sink, seed
         self.text = text if isinstance(text, TextContext) else model.embed_text(text)
@@ -200,6 +202,7 @@ class StreamingSampler:
         self.noise = noise or (lambda clip: clip_noise(seed, clip, (c, cfg.latent_frames_per_clip, self.h, self.w)))
         self.sink_refresh = sink_refresh or tpp_sink_refresh(sink)
         self.check_cancel = check_cancel or (lambda: None)
+        self.on_call = on_call or (lambda clip, block, step: None)
         storage = cache_storage or CacheStorage(device=model.device, dtype=model.dtype)
         schedule = flow_schedule(cfg)
         self.cond = model.new_cond_cache(self.h, self.w, storage)
@@ -226,6 +229,7 @@ class StreamingSampler:
                 for step, worker in enumerate(self.workers):
                     self.check_cancel()
                     x = worker(x, frame_start, audio, self.rope_offsets(clip, block, step))
+                    self.on_call(clip, block, step)
                 if clip == 0 and block == 0:
                     first_block = x
                 yield BlockOutput(clip, block, x)

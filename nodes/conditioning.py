@@ -6,8 +6,9 @@ Core alternatives are accepted where they carry the same thing: text CONDITIONIN
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from comfy_api.latest import io
@@ -112,6 +113,32 @@ class AudioEncode(io.ComfyNode):
 
 
 # ----------------------------------------------------------------------------------- image
+def reference_encode_calls(cfg) -> int:
+    """Causal VAE encoder calls of ``encode_reference``: 1 for the image, then 1 + (T-1)/4 for the T-frame motion clip
+    (the encoder takes frames 1, 4, 4, ...): 20 for upstream's 73 frames."""
+    return 1 + 1 + (cfg.motion_video_frames - 1) // 4
+
+
+@contextmanager
+def encoder_progress(wan, total: int) -> Iterator[None]:
+    """ComfyUI's progress bar (and so its Cancel) moves on every causal-encoder call of the VAE."""
+    encoder = getattr(wan.model, "encoder", None)
+    if encoder is None:
+        yield
+        return
+    bar, done = runtime.Progress(total), [0]
+
+    def tick(*_):
+        done[0] += 1
+        bar(min(done[0], total))
+
+    handle = encoder.register_forward_hook(tick)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class ReferenceImage(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -142,8 +169,9 @@ class ReferenceImage(io.ComfyNode):
                              f"image. Pick one (e.g. core 'Image From Batch') before this node")
         pixels = load_reference_image(image, size)
         wan = vae.load()
-        with torch.inference_mode():
-            sink = encode_reference(wan, pixels.to(wan.device), SamplerConfig())
+        cfg = SamplerConfig()
+        with torch.inference_mode(), encoder_progress(wan, reference_encode_calls(cfg)):
+            sink = encode_reference(wan, pixels.to(wan.device), cfg)
         return io.NodeOutput(ReferenceConditioning(sink, int(pixels.shape[1]), int(pixels.shape[2])))
 
 

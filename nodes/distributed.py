@@ -52,7 +52,8 @@ class DistributedBackend:
         self.options = options
         self.stats: dict[int, dict] = {}
 
-    def blocks(self, cond, cfg, seed, num_clips, check_cancel):
+    def blocks(self, cond, cfg, seed, num_clips, check_cancel, on_call=None):
+        """The workers report whole blocks only: progress moves per block (``LatentStream`` does it)."""
         from ..distributed.launcher import shared_pool
         from ..distributed.sampler import DistributedSampler
 
@@ -187,14 +188,15 @@ class DistributedLauncher(io.ComfyNode):
     @classmethod
     def execute(cls, dit_name, lora_name, precision, gpus, mode, workers, idle_timeout_min, threads_per_worker=0,
                 nnodes=1, rdzv_endpoint="", channel_host="127.0.0.1", nccl_p2p_disable=False) -> io.NodeOutput:
-        from ..distributed.launcher import shared_pool
+        from ..distributed.launcher import check_gpus, shared_pool
 
         dit_path = runtime.model_path("diffusion_models", dit_name)
         lora_path = None if lora_name == runtime.NONE else runtime.model_path("loras", lora_name)
-        cfg = read_dit_config(dit_path)
         options = pool_options(dit_path, dit_name, lora_path, None if lora_path is None else lora_name, precision, gpus,
                                workers, mode, idle_timeout_min, threads_per_worker, nnodes, rdzv_endpoint, channel_host,
                                nccl_p2p_disable)
+        check_gpus(options)  # in a moment, before a running pool is replaced or a process started
+        cfg = read_dit_config(dit_path)
         pool = shared_pool(options).start()  # load now: a bad file or a missing machine fails here, not mid-video
         where = "CPU (gloo)" if options.gpus is None else f"GPUs {list(options.gpus)}"
         machines = f" on {options.nnodes} machines" if options.nnodes > 1 else ""

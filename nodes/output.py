@@ -12,9 +12,22 @@ from comfy_api.latest import io, ui
 from . import runtime, types
 
 
-def _progress_hook(stream):
-    progress = runtime.Progress(stream.blocks_total)
-    return lambda chunk: progress(chunk.blocks_done, chunk.frames[-1])
+class StreamProgress:
+    """ComfyUI's bar over the stream's DiT calls (``steps`` per block: 16 per clip at 4 steps), never going back;
+    each decoded block adds its last frame as the preview."""
+
+    def __init__(self, stream):
+        self.stream, self.done = stream, 0
+        self.bar = runtime.Progress(stream.calls_total)
+
+    def calls(self, n: int) -> None:
+        if n > self.done:
+            self.done = n
+            self.bar(n)
+
+    def decoded(self, chunk) -> None:
+        self.done = max(self.done, chunk.blocks_done * self.stream.cfg.steps)
+        self.bar(self.done, chunk.frames[-1])
 
 
 def soundtrack_for_video(stream) -> tuple[torch.Tensor, int]:
@@ -45,14 +58,14 @@ class Decode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, latents) -> io.NodeOutput:
-        hook = _progress_hook(latents)
+        progress = StreamProgress(latents)
         vae.load()
         out = torch.empty(latents.total_frames, latents.height, latents.width, 3, dtype=torch.float32)
         with runtime.run_guard(), torch.inference_mode():
-            for chunk in latents.frames(vae.vae):
+            for chunk in latents.frames(vae.vae, progress=progress.calls):
                 n = chunk.frames.shape[0]
                 out[chunk.first_frame:chunk.first_frame + n] = chunk.frames.float() / 255.0
-                hook(chunk)
+                progress.decoded(chunk)
         wave, rate = soundtrack_for_video(latents)
         return io.NodeOutput(out, {"waveform": wave[None].clone(), "sample_rate": rate})
 
@@ -88,14 +101,14 @@ class SaveVideo(io.ComfyNode):
         from ..liveavatar.video import Mp4Writer
 
         path, name, subfolder = runtime.save_path(filename_prefix, latents.width, latents.height)
-        hook = _progress_hook(latents)
+        progress = StreamProgress(latents)
         wave, rate = soundtrack_for_video(latents)
         vae.load()
         with runtime.run_guard(), torch.inference_mode():
             with Mp4Writer(path, fps=latents.cfg.fps, audio=wave, sample_rate=rate, crf=crf) as writer:
-                for chunk in latents.frames(vae.vae):
+                for chunk in latents.frames(vae.vae, progress=progress.calls):
                     writer.write(chunk.frames)
-                    hook(chunk)
+                    progress.decoded(chunk)
         saved = ui.SavedResult(name, subfolder, io.FolderType.output)
         return io.NodeOutput(InputImpl.VideoFromFile(str(path)), ui=ui.PreviewVideo([saved]))
 

@@ -30,6 +30,27 @@ import folder_paths
 NONE = "none"
 
 
+def short_error_names() -> list[type]:
+    """Errors our nodes raise print as ``liveavatar.<Name>`` in ComfyUI, not with the pack's folder path.
+
+    ComfyUI reports an exception's type as ``module + '.' + qualname``; the pack is imported under
+    its folder path, so the type read e.g. ``/x/custom_nodes/ComfyUI-LiveAvatar.model_loaders.formats.ModelFileError``.
+    """
+    from ..distributed.launcher import GPUsNotFound, WorkerError
+    from ..liveavatar.lora import LoraError
+    from ..liveavatar.sampler import Cancelled
+    from ..liveavatar.video import VideoOutputError
+    from ..model_loaders.formats import ModelFileError
+
+    classes = [ModelFileError, LoraError, VideoOutputError, WorkerError, GPUsNotFound, Cancelled]
+    for cls in classes:
+        cls.__module__ = "liveavatar"
+    return classes
+
+
+short_error_names()
+
+
 def model_files(kind: str) -> list[str]:
     """File names ComfyUI knows in folder ``kind`` (diffusion_models, loras, vae, ...)."""
     return list(folder_paths.get_filename_list(kind))
@@ -93,6 +114,12 @@ def free_vram(nbytes: int) -> None:
         mm.free_memory(nbytes, dev)
 
 
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes the module's tensors occupy: every parameter and buffer (persistent or not), each tensor once."""
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.nelement() * t.element_size() for t in tensors.values())
+
+
 class Managed:
     """A module registered with ComfyUI's model management (see the module docstring)."""
 
@@ -101,10 +128,17 @@ class Managed:
 
         self.module, self.name = module, name
         # ModelPatcher writes ``.device`` (and bookkeeping attributes) on what it manages; our modules
-        # have a read-only ``device`` property, so it manages a plain container holding the module.
-        holder = torch.nn.Module()
+        # have a read-only ``device`` property, so it manages a plain container holding the module,
+        # of a class named after it (ComfyUI logs "Requested to load <class name>").
+        holder = type(f"LiveAvatar{type(module).__name__}", (torch.nn.Module,), {})()
         holder.inner = module
-        self.patcher = comfy.model_patcher.ModelPatcher(holder, load_device=device(), offload_device=offload_device())
+        # The real size, so ComfyUI's free_memory / eviction decisions count what the module holds (its own
+        # estimate walks state_dict(), which misses non-persistent buffers and counts tied tensors twice).
+        # Note: the "loaded completely 9.5367e+25 ..." log line's first number is ComfyUI's budget for a full
+        # load (1e32 bytes = no limit), printed so for every model on the CPU; the second one is this size in MB.
+        self.size = module_bytes(module)
+        self.patcher = comfy.model_patcher.ModelPatcher(holder, load_device=device(), offload_device=offload_device(),
+                                                        size=self.size)
 
     def load(self) -> torch.nn.Module:
         """Load onto the compute device (evicting others if needed) and return the module."""

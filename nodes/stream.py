@@ -34,8 +34,10 @@ from . import runtime
 class BlockBackend(Protocol):
     """Produces clean latent blocks in order (the local DiT, or a distributed pipeline)."""
 
-    def blocks(self, cond, cfg, seed: int, num_clips: int, check_cancel: Callable[[], None]) -> Iterator[Any]:
-        """Yield ``liveavatar.sampler.BlockOutput`` for every block of ``num_clips`` clips."""
+    def blocks(self, cond, cfg, seed: int, num_clips: int, check_cancel: Callable[[], None],
+               on_call: Callable[[int, int, int], None] | None = None) -> Iterator[Any]:
+        """Yield ``liveavatar.sampler.BlockOutput`` for every block of ``num_clips`` clips; call
+        ``on_call(clip, block, step)`` after each DiT call where the backend can see them."""
 
 
 class LocalBackend:
@@ -44,7 +46,7 @@ class LocalBackend:
     def __init__(self, model):
         self.model = model
 
-    def blocks(self, cond, cfg, seed, num_clips, check_cancel):
+    def blocks(self, cond, cfg, seed, num_clips, check_cancel, on_call=None):
         from ..liveavatar.sampler import StreamingSampler
 
         if self.model.placed is not None:  # not registered with ComfyUI: ask it to make room instead
@@ -52,7 +54,7 @@ class LocalBackend:
         with self.model.session() as (dit, storage):
             with torch.inference_mode():
                 sampler = StreamingSampler(dit, cfg, cond.text, cond.audio, cond.sink, seed,
-                                           cache_storage=storage, check_cancel=check_cancel)
+                                           cache_storage=storage, check_cancel=check_cancel, on_call=on_call)
                 yield from sampler.blocks(num_clips)
 
 
@@ -72,6 +74,7 @@ class LatentStream:
         self.backend, self.cond, self.cfg, self.seed = backend, cond, cfg, seed
         self.num_clips = num_clips
         self.blocks_total = num_clips * cfg.blocks_per_clip
+        self.calls_total = self.blocks_total * cfg.steps  # DiT calls: the unit of progress
         self.total_frames = video_frame_count(num_clips, cfg)
         self.soundtrack = soundtrack
         self.height, self.width = cond.height, cond.width
@@ -88,41 +91,61 @@ class LatentStream:
     def _block_file(self, i: int) -> Path:
         return self.cache_dir / f"block_{i:06d}.pt"
 
-    def _replay(self) -> Iterator[Any]:
+    def _replay(self, progress: Callable[[int], None]) -> Iterator[Any]:
         from ..liveavatar.sampler import BlockOutput
 
         for i in range(self.blocks_total):
             data = torch.load(self._block_file(i), map_location="cpu", weights_only=True)
+            progress((i + 1) * self.cfg.steps)
             yield BlockOutput(int(data["clip"]), int(data["block"]), data["latents"])
 
-    def _generate(self, check_cancel) -> Iterator[Any]:
+    def _generate(self, check_cancel, progress: Callable[[int], None]) -> Iterator[Any]:
         shutil.rmtree(self.cache_dir, ignore_errors=True)  # an incomplete cache is never reused
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.runs += 1
         count = 0
-        for i, block in enumerate(self.backend.blocks(self.cond, self.cfg, self.seed, self.num_clips, check_cancel)):
-            latents = block.latents.detach().float().cpu().contiguous()
-            torch.save({"clip": block.clip, "block": block.block, "latents": latents}, self._block_file(i))
-            count += 1
-            yield type(block)(block.clip, block.block, latents)
+        steps, per_clip = self.cfg.steps, self.cfg.blocks_per_clip
+
+        def on_call(clip: int, block: int, step: int) -> None:
+            progress((clip * per_clip + block) * steps + step + 1)
+
+        blocks = self.backend.blocks(self.cond, self.cfg, self.seed, self.num_clips, check_cancel, on_call)
+        try:
+            for i, block in enumerate(blocks):
+                latents = block.latents.detach().float().cpu().contiguous()
+                torch.save({"clip": block.clip, "block": block.block, "latents": latents}, self._block_file(i))
+                count += 1
+                progress((i + 1) * steps)  # backends that report only whole blocks (the distributed pool)
+                yield type(block)(block.clip, block.block, latents)
+        finally:
+            # Stop the backend now, also when ComfyUI's progress hook raised the interrupt here: the traceback
+            # keeps this frame alive, and the sampler (its caches, the workers' job) must not wait for it.
+            blocks.close()
         if count != self.blocks_total:
             raise RuntimeError(f"the sampler produced {count} blocks, {self.blocks_total} expected")
         (self.cache_dir / "complete").write_text(str(count))
 
-    def blocks(self, check_cancel: Callable[[], None] = runtime.check_interrupt) -> Iterator[Any]:
-        """Every clean latent block in order: replayed from disk when a previous run completed."""
+    def blocks(self, check_cancel: Callable[[], None] = runtime.check_interrupt,
+               progress: Callable[[int], None] | None = None) -> Iterator[Any]:
+        """Every clean latent block in order: replayed from disk when a previous run completed.
+
+        ``progress(n)`` is told the DiT calls done so far (of ``calls_total``) after every DiT call,
+        and after every block (replay, or a backend that reports only blocks); n may repeat.
+        """
+        progress = progress or (lambda n: None)
         if self.complete:
-            yield from self._replay()
+            yield from self._replay(progress)
         else:
-            yield from self._generate(check_cancel)
+            yield from self._generate(check_cancel, progress)
 
     # ------------------------------------------------------------------ frames
-    def frames(self, vae, check_cancel: Callable[[], None] = runtime.check_interrupt):
+    def frames(self, vae, check_cancel: Callable[[], None] = runtime.check_interrupt,
+               progress: Callable[[int], None] | None = None):
         """A ``liveavatar.pipeline.VideoStream`` of uint8 frame chunks, decoded block by block."""
         from ..liveavatar.pipeline import VideoStream
 
         def source(num_clips):
-            for block in self.blocks(check_cancel):
+            for block in self.blocks(check_cancel, progress):
                 check_cancel()
                 yield block
 

@@ -90,24 +90,73 @@ def test_pack_nodes_are_registered(server):
         or "wan2.2_s2v_14B_bf16.safetensors" in info["LiveAvatarModelLoader"]["input"]["required"]["dit_name"][0]
 
 
+def test_template_browser_lists_only_ui_workflows_with_thumbnails(server):
+    """What the template browser shows: every listed template opens (UI format) and has its thumbnail."""
+    url, _, _ = server
+    with urllib.request.urlopen(f"{url}/workflow_templates", timeout=30) as r:
+        listed = json.loads(r.read()).get("ComfyUI-LiveAvatar", [])
+    # (a set: a checkout that also sits in ComfyUI's own custom_nodes is listed twice)
+    assert set(listed) == {p.stem for p in (ROOT / "example_workflows").glob("*.json")}, listed
+    for name in listed:
+        with urllib.request.urlopen(f"{url}/api/workflow_templates/ComfyUI-LiveAvatar/{name}.json", timeout=30) as r:
+            data = json.loads(r.read())
+        assert "nodes" in data and "version" in data, f"{name} is not a UI-format workflow"
+        with urllib.request.urlopen(f"{url}/api/workflow_templates/ComfyUI-LiveAvatar/{name}.jpg", timeout=30) as r:
+            assert r.read(3) == b"\xff\xd8\xff", f"{name}.jpg is not a JPEG"
+
+
 @pytest.mark.parametrize("name", TINY_EXAMPLES)
 def test_api_example_makes_an_mp4_with_sound(server, name, tmp_path):
     from liveavatar_pack.cli.run_workflow import load_api_workflow, run_workflow
 
     url, _, base = server
-    workflow = load_api_workflow(ROOT / "example_workflows" / name)
-    files = run_workflow(url, workflow, tmp_path, timeout=900, log=lambda *_: None)
+    workflow = load_api_workflow(ROOT / "api_workflows" / name)
+    lines = []
+    files = run_workflow(url, workflow, tmp_path, timeout=900, log=lines.append)
     videos = [f for f in files if f.suffix == ".mp4"]
     assert videos, f"no video came back: {files}\n{(base / 'server.log').read_text()[-3000:]}"
     streams, audio_secs = probe_media(videos[0])
     assert ("Video", "h264") in streams and audio_secs and audio_secs > 1.0
+    plans = [k for k, v in workflow.items() if v["class_type"] == "LiveAvatarVRAMPlan"]
+    for node_id in plans + [k for k, v in workflow.items() if v["class_type"] == "PreviewAny"]:
+        text = next((line for line in lines if line.startswith(f"node {node_id} text:")), "")
+        assert "fits: peak" in text or "does not fit" in text, f"node {node_id} showed no verdict: {lines}"
+
+
+def test_vram_plan_verdict_is_shown_by_the_pack_web_extension(server):
+    """The frontend shows a node's text output only for core 'Preview Any'; the pack's extension shows the plan's."""
+    url, _, _ = server
+    with urllib.request.urlopen(f"{url}/extensions", timeout=30) as r:
+        scripts = json.loads(r.read())
+    assert "/extensions/ComfyUI-LiveAvatar/vram_plan.js" in scripts, scripts
+    with urllib.request.urlopen(f"{url}/extensions/ComfyUI-LiveAvatar/vram_plan.js", timeout=30) as r:
+        js = r.read().decode()
+    assert '"LiveAvatarVRAMPlan"' in js and "message?.text" in js
+
+
+def test_missing_gpus_fail_fast_with_a_short_type_name(server):
+    """The multi-GPU example on this GPU-less server: refused before torchrun starts, type name without a path."""
+    from liveavatar_pack.cli.run_workflow import WorkflowError, load_api_workflow, run_workflow
+
+    url, _, _ = server
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    count = subprocess.run([python, "-c", "import torch; print(torch.cuda.device_count())"], capture_output=True,
+                           text=True, timeout=120).stdout.strip()
+    if count and int(count) >= 4:
+        pytest.skip(f"this machine has {count} GPUs: the example's gpus 0,1,2,3 exist")
+    workflow = load_api_workflow(ROOT / "api_workflows" / "liveavatar_multi_gpu_api.json")
+    with pytest.raises(WorkflowError) as err:
+        run_workflow(url, workflow, Path("/nonexistent"), timeout=300, log=lambda *_: None)
+    text = str(err.value)
+    assert "(LiveAvatarDistributedLauncher) failed: liveavatar.GPUsNotFound: gpus 0,1,2,3: GPU" in text, text
+    assert "\n" not in text.strip() and "Traceback" not in text
 
 
 def test_node_errors_are_readable(server):
     from liveavatar_pack.cli.run_workflow import WorkflowError, load_api_workflow, run_workflow
 
     url, _, _ = server
-    workflow = load_api_workflow(ROOT / "example_workflows" / "liveavatar_single_gpu_api.json")
+    workflow = load_api_workflow(ROOT / "api_workflows" / "liveavatar_single_gpu_api.json")
     workflow["10"]["inputs"]["frames_per_clip"] = 50
     del workflow["9"]["inputs"]["image"]
     with pytest.raises(WorkflowError) as err:

@@ -124,7 +124,7 @@ def test_nodes_are_registered_and_the_launcher_feeds_the_sampler(env):
         assert schema.category == "LiveAvatar" and all(i.tooltip for i in schema.inputs)
 
 
-def test_gpu_choice_and_pool_options():
+def test_gpu_choice_and_pool_options(env):
     from liveavatar_pack.nodes.distributed import parse_gpus, pool_options
 
     assert parse_gpus("0,1,2,3", 0) == ((0, 1, 2, 3), 4)
@@ -143,6 +143,44 @@ def test_gpu_choice_and_pool_options():
     assert local.channel == "unix" and local.backend == "gloo" and local.idle_timeout_s is None
     with pytest.raises(ValueError, match="at least 2"):
         pool_options("/m/d", "d", None, None, "bf16", "1", 0, "tpp", 0)
+
+
+def test_missing_gpus_are_refused_before_anything_starts(env, monkeypatch):
+    """The multi-GPU example's '0,1,2,3' on a machine without them: one line saying what was found and what to
+    set, raised before torchrun (or any socket) is started, with a short error type name."""
+    from liveavatar_pack.cli import tiny_models as tm
+    from liveavatar_pack.distributed import launcher
+    from liveavatar_pack.nodes import distributed
+
+    def no_spawn(*args, **kwargs):
+        raise AssertionError(f"a process was spawned: {args}")
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", no_spawn)
+    monkeypatch.setattr(launcher.tempfile, "mkdtemp", no_spawn)
+    kw = dict(dit_name=tm.DIT_FILES[0], lora_name=tm.LORA_FILE, precision="bf16", gpus="0,1,2,3", mode="tpp", workers=0,
+              idle_timeout_min=0)
+    monkeypatch.setattr(launcher, "_cuda_count", lambda: 0)
+    with pytest.raises(launcher.GPUsNotFound) as err:
+        run(distributed.DistributedLauncher, **kw)
+    text = str(err.value)
+    assert "\n" not in text and "GPU 0,1,2,3 not found" in text and "sees no CUDA GPU" in text and "'cpu'" in text
+    monkeypatch.setattr(launcher, "_cuda_count", lambda: 2)
+    with pytest.raises(launcher.GPUsNotFound, match=r"GPU 2,3 not found; .*sees 2 CUDA GPUs.*ids 0,1.*'0,1'"):
+        run(distributed.DistributedLauncher, **kw)
+    with pytest.raises(launcher.GPUsNotFound, match="GPU 2,3 not found"):  # the pool itself checks too
+        launcher.WorkerPool(launcher.PoolOptions(workers=4, gpus=(0, 1, 2, 3))).start()
+
+
+def test_errors_print_a_short_type_name(env):
+    """ComfyUI shows ``type.__module__ + '.' + type.__qualname__``: not the pack's folder path."""
+    from liveavatar_pack.distributed import launcher
+    from liveavatar_pack.model_loaders.formats import ModelFileError
+    from liveavatar_pack.nodes import runtime
+
+    classes = runtime.short_error_names()
+    assert {launcher.WorkerError, launcher.GPUsNotFound, ModelFileError} <= set(classes)
+    for cls in classes:
+        assert f"{cls.__module__}.{cls.__qualname__}" == f"liveavatar.{cls.__name__}"
 
 
 # ------------------------------------------------------------------------------------ running
