@@ -30,9 +30,9 @@ from liveavatar_pack.distributed.launcher import PoolOptions, WorkerError, Worke
 from liveavatar_pack.distributed.sampler import DistributedSampler  # noqa: E402
 from liveavatar_pack.liveavatar.config import TINY, SamplerConfig  # noqa: E402
 from liveavatar_pack.liveavatar.sampler import SinkInputs, TensorAudio  # noqa: E402
-from liveavatar_pack.liveavatar.tiny import tiny_transformer  # noqa: E402
+from liveavatar_pack.liveavatar.tiny import TINY_LATENT_HW, tiny_transformer  # noqa: E402
 
-H, W = 8, 12
+H, W = TINY_LATENT_HW
 
 
 def faulty_model(seed: int, rank: int, after: int, stamp: str):
