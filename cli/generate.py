@@ -16,6 +16,7 @@ from ..liveavatar.text import encode_text, load_tokenizer, tokenize
 from ..liveavatar.video import check_writable
 from ..model_loaders.audio_encoder import load_audio_encoder
 from ..model_loaders.dit import load_dit
+from ..model_loaders.encoder_precision import resolve as resolve_precision
 from ..model_loaders.model_dir import find_model_files
 from ..model_loaders.text_encoder import load_text_encoder
 from ..model_loaders.vae import load_wan_vae
@@ -54,9 +55,7 @@ def run_generate(args: argparse.Namespace) -> Path:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(precision, torch.bfloat16)
-    if device.type == "cpu" and precision != "fp32":
-        dtype = torch.float32  # encoders and VAE stay float32 on the CPU
+    text_p, audio_p, vae_p = (resolve_precision(part, "auto", device) for part in ("text", "audio", "vae"))
     cfg = SamplerConfig(steps=args.steps, frames_per_clip=args.frames_per_clip)
     cfg.validate()
 
@@ -72,22 +71,22 @@ def run_generate(args: argparse.Namespace) -> Path:
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     log(f"text encoder {files.text_encoder.name}")
-    text_encoder = load_text_encoder(files.text_encoder, dtype=dtype, device=device)
+    text_encoder = load_text_encoder(files.text_encoder, dtype=text_p.dtype, fp8=text_p.fp8, device=device)
     text = encode_text(text_encoder, ids, mask).float().cpu()
     _free(text_encoder)
 
     log(f"VAE {files.vae.name}")
-    vae = load_wan_vae(files.vae, device=device, dtype=dtype)
+    vae = load_wan_vae(files.vae, device=device, dtype=vae_p.dtype)
     sink = encode_reference(vae, pixels, cfg)
 
     log(f"audio encoder {files.audio_encoder.name}")
-    audio_encoder = load_audio_encoder(files.audio_encoder, dtype=dtype, device=device)
+    audio_encoder = load_audio_encoder(files.audio_encoder, dtype=audio_p.dtype, device=device)
     audio = encode_audio(audio_encoder, args.audio)
 
     cond = Conditioning(text, audio, sink, *pixels.shape[1:])
     if args.workers:
         spec = {"kind": "dit", "path": str(files.dit), "lora": str(files.lora), "precision": precision}
-        vae_spec = {"kind": "wan_vae", "path": str(files.vae), "dtype": str(dtype).removeprefix("torch.")}
+        vae_spec = {"kind": "wan_vae", "path": str(files.vae), "dtype": str(vae_p.dtype).removeprefix("torch.")}
         model, sources = None, worker_sources(args, spec, cfg, cond, args.seed, vae=vae_spec)
         log(f"DiT on {args.workers} workers ({args.mode})" + (" + a decode rank" if "frame_source" in sources else ""))
     else:
