@@ -11,7 +11,9 @@ ratio peak/resident. "naive" is the previous way (``safetensors.torch.load_file`
 Parity (``--parity``): max |out - golden| / max |golden| of each encoder per compute dtype against
 the golden data (``LIVEAVATAR_GOLDEN_DIR``, default ``../shared/golden``): umT5 padded output,
 wav2vec2's 25 hidden states, VAE encode and streaming decode (warm-up + two blocks).
-Usage: python bench/bench_encoders.py [--scale 1.0] [--parity] [--json out.json]
+VAE decode speed (``--decode-speed W*H [--device cuda]``): the full-width random VAE's streaming
+decode per dtype, seconds per block and the ratio to float32.
+Usage: python bench/bench_encoders.py [--scale 1.0] [--parity] [--decode-speed 704*384 --device cuda] [--json out.json]
 """
 from __future__ import annotations
 
@@ -222,13 +224,70 @@ def parity(golden: Path) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------- VAE decode speed per dtype
+def decode_speed(device: str, width: int, height: int, blocks: int = 2, dtypes=("fp32", "bf16", "fp16")) -> list[dict]:
+    """Streaming decode of full-width (96) random Wan 2.1 VAEs per dtype: seconds per 3-latent block.
+
+    Warm-up on 7 latents (as the TPP schedule), then ``blocks`` timed blocks; the error column is
+    max |frames - fp32 frames| (random weights: pessimistic, see the golden parity for real layers).
+    """
+    import time
+
+    from diffusers import AutoencoderKLWan
+    from diffusers.utils import logging as diffusers_logging
+
+    from liveavatar_pack.liveavatar.vae import WanVAE
+
+    diffusers_logging.set_verbosity_error()  # the "keep in float32" advice: this VAE has no such modules
+    dev = torch.device(device)
+    z = torch.randn(16, 7 + 3 * blocks, height // 8, width // 8, generator=torch.Generator().manual_seed(0))
+    rows, ref = [], None
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    for name in dtypes:
+        dtype = table[name]
+        with torch.device("meta"):
+            model = AutoencoderKLWan(base_dim=96)
+        model = model.to_empty(device=dev)
+        _random_(model, 3)
+        vae = WanVAE(model.to(dtype))
+        dec = vae.streaming_decoder()
+        dec.decode(z[:, :7])
+        outs, seconds = [], []
+        for b in range(blocks):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            outs.append(dec.decode(z[:, 7 + 3 * b: 10 + 3 * b]).float().cpu())
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - t0)
+        frames = torch.cat(outs, 1)
+        ref = frames if ref is None else ref
+        rows.append({"dtype": name, "s_per_block": min(seconds), "max_err_vs_fp32": (frames - ref).abs().max().item()})
+        del vae, model, dec
+    return rows
+
+
 def run() -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--scale", type=float, default=1.0, help="model width multiplier (1: a few hundred MB each)")
     parser.add_argument("--parity", action="store_true", help="also measure precision against the golden data")
+    parser.add_argument("--decode-speed", metavar="W*H", help="only time the full-width VAE's streaming decode per dtype")
+    parser.add_argument("--device", default="cpu", help="device for --decode-speed (cpu, cuda)")
+    parser.add_argument("--dtypes", default="fp32,bf16,fp16", help="for --decode-speed (fp16 convolutions crawl on a CPU)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     rows = []
+    if args.decode_speed:
+        width, height = (int(v) for v in args.decode_speed.split("*"))
+        rows = decode_speed(args.device, width, height, dtypes=tuple(args.dtypes.split(",")))
+        print(f"VAE streaming decode, base width 96, {width}x{height}, {args.device}: seconds per 12-frame block")
+        for r in rows:
+            print(f"{r['dtype']:5s} {r['s_per_block']:8.3f} s  x{rows[0]['s_per_block'] / r['s_per_block']:.2f} vs fp32  "
+                  f"max|err| vs fp32 {r['max_err_vs_fp32']:.2e}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return rows
     with tempfile.TemporaryDirectory() as tmp:
         for label, kind, path, precision in write_files(Path(tmp), args.scale):
             rows.append({"case": label, "file MiB": path.stat().st_size / 2**20, **measure(kind, path, precision)})
