@@ -177,7 +177,11 @@ def load_text_encoder(path: str | Path, *, dtype: torch.dtype | None = None, dev
             else:
                 weight = torch.empty(ckpt.shape(raw), dtype=FP8_DTYPE)
                 scale = quantize_fp8_into(ckpt.read_as(raw, torch.float32), weight)
-            _set_submodule(model, layer, FP8Linear.from_quantized(weight, scale, None, compute_dtype=dtype))
+            linear = FP8Linear.from_quantized(weight, scale, None, compute_dtype=dtype)
+            # weight-only: T5's activations have outliers that a per-tensor fp8 input scale (the
+            # _scaled_mm path) would crush, and the encoder runs once per prompt
+            linear.use_scaled_mm = False
+            _set_submodule(model, layer, linear)
     for block in model.encoder.block:
         ffn = block.layer[1].DenseReluDense
         if isinstance(ffn.wo, FP8Linear):
