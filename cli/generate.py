@@ -16,6 +16,7 @@ from ..liveavatar.text import encode_text, load_tokenizer, tokenize
 from ..liveavatar.video import check_writable
 from ..model_loaders.audio_encoder import load_audio_encoder
 from ..model_loaders.dit import load_dit
+from ..model_loaders.encoder_precision import resolve as resolve_precision
 from ..model_loaders.model_dir import find_model_files
 from ..model_loaders.planner import preload_host_check
 from ..model_loaders.text_encoder import load_text_encoder
@@ -55,11 +56,10 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _encode_prompt(path: Path, ids: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype,
-                   device: torch.device) -> torch.Tensor:
+def _encode_prompt(path: Path, ids: torch.Tensor, mask: torch.Tensor, precision, device: torch.device) -> torch.Tensor:
     """umT5 output on the CPU. The encoder lives only inside this call: the plan frees it before the
     DiT loads (a ``del`` of a loop variable, as before, left the caller's reference alive)."""
-    encoder = load_text_encoder(path, dtype=dtype, device=device)
+    encoder = load_text_encoder(path, dtype=precision.dtype, fp8=precision.fp8, device=device)
     return encode_text(encoder, ids, mask).float().cpu()
 
 
@@ -95,28 +95,26 @@ def run_generate(args: argparse.Namespace) -> Path:
     pre.finish()
     print("\n".join(files.report()), file=sys.stderr, flush=True)  # which file each part is, and what was passed over
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(precision, torch.bfloat16)
-    if device.type == "cpu" and precision != "fp32":
-        dtype = torch.float32  # encoders and VAE stay float32 on the CPU
+    text_p, audio_p, vae_p = (resolve_precision(part, "auto", device) for part in ("text", "audio", "vae"))
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     log(f"text encoder {files.text_encoder.name}")
-    text = _encode_prompt(files.text_encoder, ids, mask, dtype, device)
+    text = _encode_prompt(files.text_encoder, ids, mask, text_p, device)
     _release_memory()
 
     log(f"VAE {files.vae.name}")
-    vae = load_wan_vae(files.vae, device=device, dtype=dtype)
+    vae = load_wan_vae(files.vae, device=device, dtype=vae_p.dtype)
     sink = encode_reference(vae, pixels, cfg)
 
     log(f"audio encoder {files.audio_encoder.name}")
-    audio = AudioFeatures(load_audio_encoder(files.audio_encoder, dtype=dtype, device=device), waveform)
+    audio = AudioFeatures(load_audio_encoder(files.audio_encoder, dtype=audio_p.dtype, device=device), waveform)
     audio.release_encoder()  # off the device before the DiT loads; gone if the track was encoded in one pass
     _release_memory()
 
     cond = Conditioning(text, audio, sink, *pixels.shape[1:])
     if args.workers:
         spec = {"kind": "dit", "path": str(files.dit), "lora": str(files.lora), "precision": precision}
-        vae_spec = {"kind": "wan_vae", "path": str(files.vae), "dtype": str(dtype).removeprefix("torch.")}
+        vae_spec = {"kind": "wan_vae", "path": str(files.vae), "dtype": str(vae_p.dtype).removeprefix("torch.")}
         model, sources = None, worker_sources(args, spec, cfg, cond, args.seed, vae=vae_spec)
         log(f"DiT on {args.workers} workers ({args.mode})" + (" + a decode rank" if "frame_source" in sources else ""))
     else:

@@ -13,7 +13,8 @@ Two layouts are accepted:
 
 Only the encoder is built (the CTC head is dropped): LiveAvatar reads hidden states, never logits.
 The positional conv's weight norm loads from either the legacy ``weight_g``/``weight_v`` names or the
-``parametrizations.weight.original0/1`` names.
+``parametrizations.weight.original0/1`` names. Files are read through ``formats.open_checkpoint``
+(``.safetensors``/``.sft``/``.pth``/``.bin``), one tensor at a time straight into ``dtype``.
 """
 from __future__ import annotations
 
@@ -23,47 +24,43 @@ from pathlib import Path
 
 import torch
 
+from .formats import Checkpoint, ModelFileError, open_checkpoint
+
 _DROP_PREFIXES = ("lm_head.", "quantizer.", "project_q.", "project_hid.", "dropout_features.")
 _LEGACY_WN = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
 _STANDARD_STRIDES = {(10, 3, 3, 3, 3, 2, 2): (5, 2, 2, 2, 2, 2, 2)}
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` or a ``.pth/.pt/.bin`` (``torch.load(weights_only=True)``) file."""
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"cannot read wav2vec2 weights {path}: {exc}") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
-    return state
-
-
-def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip ``wav2vec2.``, drop heads that inference never uses, rename legacy weight-norm keys."""
+def _key_map(keys) -> dict[str, tuple[str, str]]:
+    """Encoder name -> (file key, how to read it): strip ``wav2vec2.``, drop heads inference never
+    uses, rename legacy weight-norm keys; a folded weight-norm ``weight`` yields its g and v."""
     out = {}
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        if key.startswith("wav2vec2."):
-            key = key[len("wav2vec2."):]
+    for raw in keys:
+        key = raw[len("wav2vec2."):] if raw.startswith("wav2vec2.") else raw
         if key.startswith(_DROP_PREFIXES):
             continue
         head, _, leaf = key.rpartition(".")
         if head.endswith("pos_conv_embed.conv") and leaf in _LEGACY_WN:
-            key = f"{head}.{_LEGACY_WN[leaf]}"
+            out[f"{head}.{_LEGACY_WN[leaf]}"] = (raw, "copy")
         elif head.endswith("pos_conv_embed.conv") and leaf == "weight":
             # an export with the weight norm folded in: split it back into g (norm per tap) and v
-            out[f"{head}.{_LEGACY_WN['weight_g']}"] = value.float().norm(dim=(0, 1), keepdim=True).to(value.dtype)
-            key = f"{head}.{_LEGACY_WN['weight_v']}"
-        out[key] = value
+            out[f"{head}.{_LEGACY_WN['weight_g']}"] = (raw, "norm")
+            out[f"{head}.{_LEGACY_WN['weight_v']}"] = (raw, "copy")
+        else:
+            out[key] = (raw, "copy")
+    return out
+
+
+def _norm_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (1, 1) + tuple(shape[2:])
+
+
+def normalize_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An in-memory state dict under the encoder's names (see :func:`_key_map`)."""
+    out = {}
+    for key, (raw, how) in _key_map(k for k, v in state.items() if isinstance(v, torch.Tensor)).items():
+        value = state[raw]
+        out[key] = value.float().norm(dim=(0, 1), keepdim=True).to(value.dtype) if how == "norm" else value
     return out
 
 
@@ -119,29 +116,56 @@ def config_from_state_dict(state: dict[str, torch.Tensor], num_heads: int | None
     )
 
 
-def build_model(config, state: dict[str, torch.Tensor], dtype: torch.dtype, device, source: str):
-    """Instantiate on the meta device (no random init) and assign the checkpoint tensors."""
+def build_model(config, ckpt: Checkpoint, keys: dict[str, tuple[str, str]], dtype: torch.dtype, device, source: str):
+    """Instantiate on the meta device (no random init) and fill it one tensor at a time in ``dtype``."""
     from transformers import Wav2Vec2Model
 
-    state = {k: v.to(dtype) for k, v in state.items()}
     with torch.device("meta"):
         model = Wav2Vec2Model(config)
-    expected = set(model.state_dict())
-    if "masked_spec_embed" in expected and "masked_spec_embed" not in state:  # training-only
-        state["masked_spec_embed"] = torch.zeros(config.hidden_size, dtype=dtype)
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
+    expected = model.state_dict()
+    extra = {}
+    if "masked_spec_embed" in expected and "masked_spec_embed" not in keys:  # training-only
+        extra["masked_spec_embed"] = torch.zeros(config.hidden_size, dtype=dtype)
+    missing = sorted(set(expected) - set(keys) - set(extra))
+    unexpected = sorted(set(keys) - set(expected))
     if missing or unexpected:
         raise ValueError(
             f"{source}: does not match a wav2vec2 encoder with {config.num_hidden_layers} layers, "
             f"hidden {config.hidden_size}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{source}: tensor shapes do not match the wav2vec2 config: {exc}") from exc
+    wrong = [f"{k} {_shape(ckpt, keys[k])} (expected {tuple(expected[k].shape)})"
+             for k in keys if _shape(ckpt, keys[k]) != tuple(expected[k].shape)]
+    if wrong:
+        raise ValueError(f"{source}: tensor shapes do not match the wav2vec2 config: {wrong[:4]}")
+    state = dict(extra)
+    folded = {raw for raw, how in keys.values() if how == "norm"}
+    by_raw: dict[str, list[str]] = {}
+    for key, (raw, _) in keys.items():
+        by_raw.setdefault(raw, []).append(key)
+    for raw in ckpt.read_order(by_raw):
+        if raw in folded:  # one read serves both g (its norm per tap) and v
+            value = ckpt.read(raw)
+            for key in by_raw[raw]:
+                norm = keys[key][1] == "norm"
+                state[key] = (value.float().norm(dim=(0, 1), keepdim=True) if norm else value).to(dtype)
+        else:
+            (key,) = by_raw[raw]
+            state[key] = ckpt.read_as(raw, dtype)
+    model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval().requires_grad_(False)
+
+
+def _shape(ckpt: Checkpoint, entry: tuple[str, str]) -> tuple[int, ...]:
+    raw, how = entry
+    return _norm_shape(ckpt.shape(raw)) if how == "norm" else tuple(ckpt.shape(raw))
+
+
+def _open(path: Path) -> Checkpoint:
+    try:
+        return open_checkpoint(path)
+    except ModelFileError as exc:
+        raise ModelFileError(f"{exc} (expected a wav2vec2 audio encoder)") from None
 
 
 def load_audio_encoder(path: str | Path, *, dtype: torch.dtype | None = None, device="cpu",
@@ -165,17 +189,19 @@ def load_audio_encoder(path: str | Path, *, dtype: torch.dtype | None = None, de
         if raw.get("model_type") != "wav2vec2":
             raise ValueError(f"{cfg_file}: expected model_type 'wav2vec2', found {raw.get('model_type')!r}")
         config = Wav2Vec2Config.from_dict(raw)
-        state = normalize_keys(read_state_dict(weights))
-        source = str(weights)
     elif path.is_file():
-        state = normalize_keys(read_state_dict(path))
-        source = str(path)
-        config = config_from_state_dict(state, num_heads=num_heads, source=source)
+        weights, config = path, None
     else:
         raise ValueError(f"wav2vec2 checkpoint {path} does not exist")
-    if dtype is None:
-        dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
-    return build_model(config, state, dtype, device, source)
+    with _open(weights) as ckpt:
+        source = str(weights)
+        keys = _key_map(ckpt.keys())
+        if config is None:
+            shapes = {k: torch.empty(_shape(ckpt, e), device="meta") for k, e in keys.items()}
+            config = config_from_state_dict(shapes, num_heads=num_heads, source=source)
+        if dtype is None:
+            dtype = next((ckpt.dtype(raw) for raw, _ in keys.values() if ckpt.dtype(raw).is_floating_point), torch.float32)
+        return build_model(config, ckpt, keys, dtype, device, source)
 
 
-__all__ = ["load_audio_encoder", "config_from_state_dict", "normalize_keys", "read_state_dict"]
+__all__ = ["load_audio_encoder", "config_from_state_dict", "normalize_keys"]

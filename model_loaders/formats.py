@@ -91,6 +91,7 @@ _ST_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _PTH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+READ_CHUNK = 4 * 2**20  # bytes converted at a time by Checkpoint.read_as
 
 
 def _short(dtype: torch.dtype) -> str:
@@ -154,11 +155,12 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     return infos, metadata
 
 
-def _drop_pages(t: torch.Tensor) -> None:
-    """Give back the resident pages of a memory-mapped tensor already copied (Linux; else no-op).
+def _drop_range(start: int, size: int) -> None:
+    """Give back the resident pages of ``[start, start + size)`` of a private file map (Linux; else no-op).
 
-    The map is private and never written, so the kernel re-reads the file if they are touched
-    again; without this the whole mapped file would stay counted in the process's RSS.
+    The map is never written, so the kernel re-reads the file if they are touched again; without
+    this the whole mapped file would stay counted in the process's RSS. Never call it on anonymous
+    memory (its pages would read back as zeros).
     """
     if not sys.platform.startswith("linux"):
         return
@@ -167,8 +169,6 @@ def _drop_pages(t: torch.Tensor) -> None:
         if _LIBC is None:
             _LIBC = ctypes.CDLL(None, use_errno=True)
             _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        storage = t.untyped_storage()
-        start, size = storage.data_ptr(), storage.nbytes()
         page = mmap.PAGESIZE
         first = (start + page - 1) // page * page  # whole pages only: neighbours may share the edges
         last = (start + size) // page * page
@@ -179,6 +179,17 @@ def _drop_pages(t: torch.Tensor) -> None:
 
 
 _LIBC = None
+
+
+def _copy_chunks(dst: torch.Tensor, src: torch.Tensor, mapped: bool) -> None:
+    """``dst.copy_(src)`` (flat, converting dtype) a chunk at a time, giving back the mapped source pages
+    of each chunk once copied, so a memory-mapped ``.pth`` tensor is never resident whole."""
+    step = max(1, READ_CHUNK // src.element_size())
+    for start in range(0, src.numel(), step):
+        piece = src[start:start + step]
+        dst[start:start + step].copy_(piece)
+        if mapped:
+            _drop_range(piece.data_ptr(), piece.numel() * piece.element_size())
 
 
 def _unwrap_pth(obj, path: Path) -> dict[str, torch.Tensor]:
@@ -226,6 +237,8 @@ class Checkpoint:
         self.files = files or [path]
         self._pth = pth_state
         self._handles: dict[Path, object] = {}
+        self._buffer: torch.Tensor | None = None
+        self._mapped = False  # pth_state memory-mapped from the file (its pages may be given back)
         self.kind, self.prefix = detect_kind(infos)
 
     # ----------------------------------------------------------------- access
@@ -251,8 +264,9 @@ class Checkpoint:
             out = torch.empty(info.shape, dtype=info.dtype)
         if self._pth is not None:
             src = self._pth[key]
-            out.view(-1).view(torch.uint8).copy_(src.contiguous().view(-1).view(torch.uint8))
-            _drop_pages(src)
+            if not src.is_contiguous():
+                src = src.contiguous()
+            _copy_chunks(out.view(-1).view(torch.uint8), src.view(-1).view(torch.uint8), self._mapped)
             return out
         handle = self._handles.get(info.file)
         if handle is None:
@@ -262,6 +276,39 @@ class Checkpoint:
             got = handle.readinto(out.view(-1).view(torch.uint8).numpy())
             if got != info.nbytes:
                 raise ModelFileError(f"{info.file}: tensor {key!r} is cut short ({got} of {info.nbytes} bytes); the file is truncated")
+        return out
+
+    def read_as(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor ``key`` converted to ``dtype`` while it is read, a chunk at a time.
+
+        A fresh CPU tensor in ``dtype`` (the file's dtype when None); the conversion never holds
+        the whole tensor twice, so the extra memory is one chunk (``READ_CHUNK`` bytes), which
+        keeps the load peak of a loader that reads tensor by tensor at ~1x of what it keeps.
+        """
+        info = self.infos[key]
+        if dtype is None or dtype == info.dtype:
+            return self.read(key)
+        out = torch.empty(info.shape, dtype=dtype)
+        dst = out.view(-1)
+        n, item = dst.numel(), info.dtype.itemsize
+        step = max(1, READ_CHUNK // item)
+        if self._pth is not None:
+            src = self._pth[key]
+            _copy_chunks(dst, src.reshape(-1) if src.is_contiguous() else src.contiguous().view(-1), self._mapped)
+            return out
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = open(info.file, "rb")
+        if self._buffer is None:  # one buffer per checkpoint: no allocator churn between tensors
+            self._buffer = torch.empty(READ_CHUNK, dtype=torch.uint8)
+        handle.seek(info.offset)
+        for start in range(0, n, step):
+            count = min(step, n - start)
+            chunk = self._buffer[: count * item]
+            got = handle.readinto(chunk.numpy())
+            if got != count * item:
+                raise ModelFileError(f"{info.file}: tensor {key!r} is cut short; the file is truncated")
+            dst[start:start + count].copy_(chunk.view(info.dtype))
         return out
 
     def read_order(self, keys: Iterable[str]) -> list[str]:
@@ -340,6 +387,7 @@ class Checkpoint:
             handle.close()
         self._handles.clear()
         self._pth = None
+        self._buffer = None
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -366,6 +414,7 @@ class Checkpoint:
 
 
 def _open_pth(path: Path) -> Checkpoint:
+    mapped = True
     try:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -374,6 +423,7 @@ def _open_pth(path: Path) -> Checkpoint:
                 raise
             # A pre-1.6 (non-zip) pickle cannot be memory-mapped; still weights-only.
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            mapped = False
     except ModelFileError:
         raise
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
@@ -383,7 +433,9 @@ def _open_pth(path: Path) -> Checkpoint:
         ) from None
     state = _unwrap_pth(obj, path)
     infos = {k: TensorInfo(v.dtype, tuple(v.shape), path, 0, v.numel() * v.element_size()) for k, v in state.items()}
-    return Checkpoint(path, "pth", infos, pth_state=state)
+    ckpt = Checkpoint(path, "pth", infos, pth_state=state)
+    ckpt._mapped = mapped
+    return ckpt
 
 
 def _open_sharded(index: Path) -> Checkpoint:
@@ -446,8 +498,10 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not path.exists():
         raise FileNotFoundError(f"model file {path} does not exist")
     with open(path, "rb") as f:
-        magic = f.read(8)
-    if magic[:2] == b"PK" or magic[:1] == b"\x80":  # zip (torch.save) or legacy pickle
+        magic = f.read(9)
+    # safetensors: an 8-byte header length, then the JSON header's "{" (checked first: the length's
+    # low byte may be 0x80, a pickle's first byte); zip (torch.save) and legacy pickles never have it
+    if magic[8:9] != b"{" and (magic[:2] == b"PK" or magic[:1] == b"\x80"):
         return _open_pth(path)
     if path.suffix.lower() in _PTH_SUFFIXES:
         return _open_pth(path)

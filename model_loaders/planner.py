@@ -46,26 +46,70 @@ FP8_SCOPES = ("blocks", "audio_injector")
 # ---------------------------------------------------------------------------- sizes of other models
 @dataclass(frozen=True)
 class VAESize:
-    """Wan 2.1 VAE (defaults: its released config). Decode working set is an estimate."""
+    """Wan 2.1 VAE (defaults: its released config, bf16 - the GPU default). Decode working set is an estimate."""
 
     base_dim: int = 96
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
-    params: int = 126_892_531
+    params: int = 126_892_531  # AutoencoderKLWan(base_dim=96) on the meta device
     dtype_bytes: int = 2
     spatial_stride: int = 8
     temporal_stride: int = 4
     live_factor: int = 8  # full-resolution activations alive at once (input, norms, conv out, upsample)
 
+    @property
+    def weight_bytes(self) -> int:
+        """What ``load_wan_vae`` allocates: every parameter in the decode dtype."""
+        return self.params * self.dtype_bytes
+
+    def with_precision(self, precision: str) -> "VAESize":
+        """The same VAE in ``precision`` (bf16/fp16/fp32, the VAE loader's choices)."""
+        return replace(self, dtype_bytes=PRECISIONS[precision])
+
 
 @dataclass(frozen=True)
 class EncoderSizes:
-    """Text (umT5-XXL encoder) and audio (wav2vec2-large) encoders: parameters and bytes each."""
+    """Text (umT5-XXL encoder) and audio (wav2vec2-large) encoders as the loaders allocate them.
 
-    text_params: int = 5_680_000_000
+    Counts are the real configs' parameters on the meta device (tied embedding once); bytes per
+    parameter follow the loaders' precision (defaults: bf16 text, fp16 audio - the GPU defaults of
+    ``encoder_precision``). An fp8 text encoder stores its ``text_fp8_params`` Linear weights at
+    1 byte + one float32 scale per layer (``text_fp8_tensors``), the rest in ``text_bytes``.
+    """
+
+    text_params: int = 5_680_910_336
     text_bytes: int = 2
-    audio_params: int = 315_400_000
+    audio_params: int = 315_438_720
     audio_bytes: int = 2
+    text_fp8_params: int = 0
+    text_fp8_tensors: int = 0
+    text_linear_params: int = 4_630_511_616  # umT5-XXL's 168 Linear weights (what fp8 stores at 1 byte)
+    text_linear_tensors: int = 168
+
+    @property
+    def text_total(self) -> int:
+        return (self.text_params - self.text_fp8_params) * self.text_bytes + self.text_fp8_params + 4 * self.text_fp8_tensors
+
+    @property
+    def audio_total(self) -> int:
+        return self.audio_params * self.audio_bytes
+
+    def with_precision(self, text: str = "bf16", audio: str = "fp16") -> "EncoderSizes":
+        """The encoders in the loaders' precisions (text: bf16/fp16/fp32/fp8; audio: bf16/fp16/fp32)."""
+        fp8 = text == "fp8"
+        return replace(self, text_bytes=2 if fp8 else PRECISIONS[text], audio_bytes=PRECISIONS[audio],
+                       text_fp8_params=self.text_linear_params if fp8 else 0,
+                       text_fp8_tensors=self.text_linear_tensors if fp8 else 0)
+
+    @classmethod
+    def of_models(cls, text_model: nn.Module, audio_model: nn.Module) -> "EncoderSizes":
+        """Counts of two (meta or real) encoder modules: parameters and buffers, shared tensors once."""
+        def count(m: nn.Module) -> int:
+            return sum({id(t): t.numel() for t in [*m.parameters(), *m.buffers()]}.values())
+
+        linears = [m for m in text_model.modules() if isinstance(m, nn.Linear)]
+        return cls(text_params=count(text_model), audio_params=count(audio_model),
+                   text_linear_params=sum(m.weight.numel() for m in linears), text_linear_tensors=len(linears))
 
 
 # ---------------------------------------------------------------------------- plan objects
@@ -259,7 +303,7 @@ def vae_decode_bytes(vae: VAESize, scfg: SamplerConfig, width: int, height: int)
     cache = 0
     for level, mult in enumerate(vae.dim_mult):  # level i: 1/2^i of the full size
         cache += convs * 2 * vae.base_dim * mult * (pixels // 4**level) * vae.dtype_bytes
-    return vae.params * vae.dtype_bytes, work + cache
+    return vae.weight_bytes, work + cache
 
 
 # ---------------------------------------------------------------------------- speed
@@ -484,8 +528,7 @@ def plan_memory(
         if with_vae:
             terms.append(Term("VAE decode", vae_w + vae_work, "weights + one block's working set", exact=False))
         if encoders_resident:
-            terms.append(Term("encoders (resident)", encoders.text_params * encoders.text_bytes
-                              + encoders.audio_params * encoders.audio_bytes))
+            terms.append(Term("encoders (resident)", encoders.text_total + encoders.audio_total))
         terms.append(Term("runtime reserve", runtime_reserve, "CUDA context, workspaces, allocator", exact=False))
         return DevicePlan(role, count, terms)
 
@@ -520,11 +563,11 @@ def plan_memory(
         host.append(Term("pinned weights", host_w, "swapped blocks" if swap else "offloaded model"))
     if host_kv:
         host.append(Term("KV + sink caches", host_kv, "pinned, prefetched per layer" if placement.prefetch else "pinned"))
-    host.append(Term("encoders (CPU copy)", encoders.text_params * encoders.text_bytes + encoders.audio_params * encoders.audio_bytes,
+    host.append(Term("encoders (CPU copy)", encoders.text_total + encoders.audio_total,
                      "umT5 + wav2vec2, offloaded after encoding", exact=False))
     encode_phase = [] if encoders_resident else [
-        Term("text encoder", encoders.text_params * encoders.text_bytes),
-        Term("audio encoder", encoders.audio_params * encoders.audio_bytes)]
+        Term("text encoder", encoders.text_total),
+        Term("audio encoder", encoders.audio_total)]
 
     traffic = 0
     if swap and mode != "sp":

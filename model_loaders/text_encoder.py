@@ -6,8 +6,11 @@ Layouts accepted (detected from the keys):
   ``token_embedding``, ``blocks.N.{norm1,attn.{q,k,v,o},norm2,ffn.{gate.0,fc1,fc2},pos_embedding.embedding}``, ``norm``;
 * Hugging Face / ComfyUI (``umt5_xxl_fp16.safetensors``, ``umt5_xxl_fp8_e4m3fn_scaled.safetensors``):
   ``shared`` or ``encoder.embed_tokens``, ``encoder.block.N.layer.{0,1}...``, ``encoder.final_layer_norm``.
-  ComfyUI's extra ``spiece_model`` (its tokenizer) is ignored; ``scaled_fp8`` files are dequantised
-  (``weight * scale_weight``) to ``dtype``.
+  ComfyUI's extra ``spiece_model`` (its tokenizer) is ignored; the Linear weights of ``scaled_fp8``
+  files stay fp8 (``FP8Linear``: ``weight * scale_weight`` per layer at call time).
+
+Every file is read through ``formats.open_checkpoint`` (one tensor at a time, straight into the
+target dtype), so ``.sft`` and the other suffixes ComfyUI lists work like ``.safetensors``.
 
 The ``UMT5Config`` is rebuilt from the tensor shapes (vocab, width, heads from the per-layer relative
 bias, head size, ffn, layers, buckets), with umT5's gated tanh-GELU feed-forward.
@@ -18,6 +21,8 @@ import re
 from pathlib import Path
 
 import torch
+from .formats import Checkpoint, open_checkpoint
+from .fp8 import FP8_DTYPE, FP8Linear, _set_submodule, dequantize_fp8, quantize_fp8_into
 
 _WAN_MAP = [
     (r"token_embedding\.weight", "shared.weight"),
@@ -32,34 +37,6 @@ _WAN_MAP = [
     (r"blocks\.(\d+)\.ffn\.fc2\.weight", r"encoder.block.\1.layer.1.DenseReluDense.wo.weight"),
 ]
 _IGNORED = ("spiece_model", "scaled_fp8")
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` or a ``.pth/.pt/.bin`` (``torch.load(weights_only=True)``) file."""
-    try:
-        if Path(path).suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"cannot read text encoder weights {path}: {exc}") from exc
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
-    return state
-
-
-def _dequantize(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Fold ComfyUI ``scale_weight`` tensors into their fp8 weights and cast everything to ``dtype``."""
-    out = {}
-    for key, value in state.items():
-        if key in _IGNORED or key.endswith((".scale_weight", ".scale_input")) or not isinstance(value, torch.Tensor):
-            continue
-        scale = state.get(key[: -len("weight")] + "scale_weight") if key.endswith(".weight") else None
-        if scale is not None:
-            value = value.to(torch.float32) * scale.to(torch.float32)
-        out[key] = value.to(dtype)
-    return out
 
 
 def to_hf_keys(state: dict[str, torch.Tensor], source: str = "?") -> dict[str, torch.Tensor]:
@@ -113,45 +90,111 @@ def config_from_state_dict(state: dict[str, torch.Tensor], source: str = "?"):
     )
 
 
-def _file_dtype(raw: dict) -> torch.dtype:
+def _file_dtype(ckpt: Checkpoint, names: dict[str, str]) -> torch.dtype:
     """The checkpoint's compute dtype: bfloat16 for fp8 files, else the embedding's dtype."""
-    tensors = [v for k, v in raw.items() if isinstance(v, torch.Tensor) and k not in _IGNORED]
-    if any(v.is_floating_point() and v.dtype.itemsize == 1 for v in tensors):
+    if any(ckpt.dtype(raw).is_floating_point and ckpt.dtype(raw).itemsize == 1 or ckpt.fp8_storage(raw)
+           for raw in names.values()):
         return torch.bfloat16
     for key in ("token_embedding.weight", "shared.weight", "encoder.embed_tokens.weight"):
-        if key in raw and raw[key].is_floating_point():
-            return raw[key].dtype
+        if key in names and ckpt.dtype(names[key]).is_floating_point:
+            return ckpt.dtype(names[key])
     return torch.float32
 
 
-def load_text_encoder(path: str | Path, *, dtype: torch.dtype | None = None, device="cpu"):
-    """Load a umT5 encoder file (Wan ``.pth``/safetensors or ComfyUI/HF safetensors).
+def _fp8_ffn_class():
+    """umT5's gated FFN for an fp8 ``wo``: the stock forward casts the activations to ``wo.weight``'s
+    dtype (T5's float32-``wo`` rule), which with fp8 weights would quantise them. Same math otherwise."""
+    global _FP8_FFN
+    if _FP8_FFN is None:
+        from transformers.models.umt5.modeling_umt5 import UMT5DenseGatedActDense
 
-    ``dtype`` None keeps the file's floating dtype (fp8 files become bfloat16).
+        class FP8GatedFFN(UMT5DenseGatedActDense):
+            def forward(self, hidden_states):
+                hidden = self.act(self.wi_0(hidden_states)) * self.wi_1(hidden_states)
+                return self.wo(self.dropout(hidden))
+
+        _FP8_FFN = FP8GatedFFN
+    return _FP8_FFN
+
+
+_FP8_FFN = None
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def load_text_encoder(path: str | Path, *, dtype: torch.dtype | None = None, device="cpu", fp8: bool | None = None):
+    """Load a umT5 encoder file (Wan ``.pth``/safetensors or ComfyUI/HF safetensors, ``.sft`` too).
+
+    ``dtype`` is the compute dtype; None keeps the file's floating dtype (fp8 files compute in
+    bfloat16). ``fp8``: None keeps the Linear weights a file stores as fp8 in fp8 (``FP8Linear``,
+    dequantised per layer at call time: half the memory of bf16, the same values as a load-time
+    dequantisation); True also quantises a higher-precision file's Linear weights (per tensor);
+    False dequantises everything to ``dtype``. Tensors are read one at a time straight into
+    their final dtype, so the load peak stays ~1x of the model's resident size.
     """
     from transformers import UMT5EncoderModel
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"text encoder checkpoint {path} does not exist")
-    raw = read_state_dict(path)
-    if dtype is None:
-        dtype = _file_dtype(raw)
-    state = to_hf_keys(_dequantize(raw, dtype), str(path))
-    config = config_from_state_dict(state, str(path))
-    with torch.device("meta"):
-        model = UMT5EncoderModel(config)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(f"{path}: does not match a {config.num_layers}-layer umT5 encoder: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: tensor shapes do not match the umT5 config: {exc}") from exc
+    with open_checkpoint(path) as ckpt:
+        names = {n: raw for n, raw in ckpt.model_keys().items() if n not in _IGNORED}
+        if dtype is None:
+            dtype = _file_dtype(ckpt, names)
+        hf_names = to_hf_keys({n: n for n in names}, str(path))  # HF name -> file name (no data read)
+        shapes = {hf: torch.empty(ckpt.shape(names[n]), device="meta") for hf, n in hf_names.items()}
+        config = config_from_state_dict(shapes, str(path))
+        with torch.device("meta"):
+            model = UMT5EncoderModel(config)
+        expected = model.state_dict()
+        missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{path}: does not match a {config.num_layers}-layer umT5 encoder: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        wrong = [f"{k} {tuple(shapes[k].shape)} (expected {tuple(expected[k].shape)})"
+                 for k in expected if tuple(shapes[k].shape) != tuple(expected[k].shape)]
+        if wrong:
+            raise ValueError(f"{path}: tensor shapes do not match the umT5 config: {wrong[:4]}")
+        fp8_layers = {}
+        for layer in _linear_names(model):
+            raw = names[hf_names[layer + ".weight"]]
+            stored = ckpt.fp8_storage(raw)
+            if (fp8 is None and stored) or fp8:
+                fp8_layers[layer] = raw
+        state, done = {}, {}
+        for key in ckpt.read_order({names[hf_names[k]] for k in expected} - set(fp8_layers.values())):
+            done[key] = _read_dequantized(ckpt, key, dtype)
+        for hf in expected:
+            raw = names[hf_names[hf]]
+            if raw in done:
+                state[hf] = done[raw]
+        model.load_state_dict(state, strict=False, assign=True)
+        for layer, raw in fp8_layers.items():
+            if ckpt.fp8_storage(raw):
+                weight, scale = ckpt.read_fp8(raw)
+            else:
+                weight = torch.empty(ckpt.shape(raw), dtype=FP8_DTYPE)
+                scale = quantize_fp8_into(ckpt.read_as(raw, torch.float32), weight)
+            linear = FP8Linear.from_quantized(weight, scale, None, compute_dtype=dtype)
+            # weight-only: T5's activations have outliers that a per-tensor fp8 input scale (the
+            # _scaled_mm path) would crush, and the encoder runs once per prompt
+            linear.use_scaled_mm = False
+            _set_submodule(model, layer, linear)
+    for block in model.encoder.block:
+        ffn = block.layer[1].DenseReluDense
+        if isinstance(ffn.wo, FP8Linear):
+            ffn.__class__ = _fp8_ffn_class()
     model.encoder.embed_tokens = model.shared  # keep the tie that assign=True broke
     return model.to(device).eval().requires_grad_(False)
 
 
-__all__ = ["load_text_encoder", "to_hf_keys", "config_from_state_dict", "read_state_dict"]
+def _read_dequantized(ckpt: Checkpoint, raw: str, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor in ``dtype``: fp8 ones multiplied by their scale, others converted while read."""
+    if ckpt.fp8_storage(raw):
+        return dequantize_fp8(*ckpt.read_fp8(raw), dtype)
+    return ckpt.read_as(raw, dtype)
+
+
+__all__ = ["load_text_encoder", "to_hf_keys", "config_from_state_dict"]

@@ -3,7 +3,7 @@
 Accepted inputs:
 
 * Wan's ``Wan2.1_VAE.pth`` (a plain state dict, loaded with ``torch.load(weights_only=True)``),
-* ComfyUI's ``wan_2.1_vae.safetensors`` (the same tensors and key names, any float dtype),
+* ComfyUI's ``wan_2.1_vae.safetensors`` (the same tensors and key names, any float dtype; ``.sft`` too),
 * a diffusers ``AutoencoderKLWan`` state dict in a ``.safetensors`` file,
 * a diffusers model directory (``config.json`` + weights).
 
@@ -13,7 +13,8 @@ per level, which levels downsample in time), so the real 96-wide VAE and tiny te
 the same way. An optional ``config`` (dict or JSON file in Wan's naming: ``dim``, ``z_dim``,
 ``dim_mult``, ``num_res_blocks``, ``temperal_downsample``, ``latent_mean``, ``latent_std``) is
 checked against the tensors and supplies the latent normalisation; without one, Wan 2.1's
-published mean/std (diffusers' defaults) are used.
+published mean/std (diffusers' defaults) are used. Files are read through
+``formats.open_checkpoint``, one tensor at a time straight into the target dtype (load peak ~1x).
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ from typing import Any, Mapping
 import torch
 
 from ..liveavatar.vae import WanVAE
+from .formats import Checkpoint, ModelFileError, open_checkpoint
 
-__all__ = ["load_wan_vae", "load_vae_state_dict", "infer_wan_vae_config", "build_wan_vae", "wan_vae_key_names",
+__all__ = ["load_wan_vae", "open_vae_file", "infer_wan_vae_config", "build_wan_vae", "wan_vae_key_names",
            "to_wan_state_dict"]
 
 _EXPECTED = "a Wan 2.1 VAE (Wan2.1_VAE.pth / wan_2.1_vae.safetensors: keys such as encoder.conv1.weight, conv1.weight, conv2.weight, decoder.head.2.weight)"
@@ -42,37 +44,39 @@ def _describe(sd: Mapping[str, torch.Tensor], limit: int = 6) -> str:
     return (shown + more) if keys else "no tensors"
 
 
-def load_vae_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` or ``.pth``/``.pt``/``.ckpt`` file into a flat tensor dict."""
+def open_vae_file(path: str | Path) -> Checkpoint:
+    """Open a VAE file for lazy reading (``formats.open_checkpoint``: .safetensors/.sft/.pth/...)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VAE file {path} does not exist")
-    suffix = path.suffix.lower()
     try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
+        return open_checkpoint(path)
+    except ModelFileError as err:
+        raise ModelFileError(f"VAE file {err}; expected {_EXPECTED}") from None
 
-            sd: Any = load_file(str(path), device="cpu")
-        elif suffix in (".pth", ".pt", ".ckpt", ".bin"):
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+
+class _Source:
+    """What the builder reads from: a lazy ``Checkpoint`` or an in-memory state dict, under stripped names."""
+
+    def __init__(self, sd: Mapping[str, torch.Tensor] | Checkpoint):
+        self.ckpt = sd if isinstance(sd, Checkpoint) else None
+        keys = list(sd.keys())
+        self.raw = {k: k for k in keys}
+        for prefix in _PREFIXES:
+            if keys and all(k.startswith(prefix) for k in keys):
+                self.raw = {k[len(prefix):]: k for k in keys}
+                break
+        if self.ckpt is not None:
+            self.shapes = {k: torch.empty(self.ckpt.shape(r), dtype=self.ckpt.dtype(r), device="meta")
+                           for k, r in self.raw.items()}
         else:
-            raise ValueError(f"VAE file {path}: expected a .safetensors or .pth file, found suffix {suffix!r}")
-    except ValueError:
-        raise
-    except Exception as err:  # truncated/corrupt file, pickle refused by weights_only, ...
-        raise ValueError(f"VAE file {path}: expected {_EXPECTED}, but the file could not be read ({err})") from err
-    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-        sd = sd["state_dict"]
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"VAE file {path}: expected {_EXPECTED}, found a {type(sd).__name__} that is not a tensor dict")
-    return dict(sd)
+            self.sd = sd
+            self.shapes = {k: sd[r] for k, r in self.raw.items()}
 
-
-def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in _PREFIXES:
-        if sd and all(k.startswith(prefix) for k in sd):
-            return {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
+    def read(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        if self.ckpt is not None:
+            return self.ckpt.read_as(self.raw[key], dtype)
+        return self.sd[self.raw[key]].to(dtype=dtype)
 
 
 def infer_wan_vae_config(sd: Mapping[str, torch.Tensor], name: str = "state dict") -> dict[str, Any]:
@@ -176,17 +180,18 @@ def _check_config(inferred: dict[str, Any], given: dict[str, Any], name: str) ->
 
 
 def build_wan_vae(
-    sd: Mapping[str, torch.Tensor],
+    sd: Mapping[str, torch.Tensor] | Checkpoint,
     name: str = "state dict",
     config: Mapping[str, Any] | str | Path | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = torch.float32,
 ) -> WanVAE:
-    """A Wan-layout (or diffusers-layout) state dict -> :class:`WanVAE`."""
+    """A Wan-layout state dict or an open checkpoint -> :class:`WanVAE` (tensors read one at a time in ``dtype``)."""
     from diffusers import AutoencoderKLWan
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    sd = _strip_prefix(dict(sd))
+    source = _Source(sd)
+    sd = source.shapes
     given = _read_config(config)
     if all(k in sd for k in _DIFFUSERS_KEYS) and "encoder.conv1.weight" not in sd:
         raise ValueError(
@@ -206,7 +211,8 @@ def build_wan_vae(
             f"VAE file {name}: expected a Wan 2.1 VAE with 16 latent channels, found z_dim {cfg['z_dim']} "
             "(a Wan 2.2 VAE?); pass a config with latent_mean/latent_std to use it anyway"
         )
-    converted = convert_wan_vae_to_diffusers(sd)
+    to_wan = convert_wan_vae_to_diffusers({k: k for k in sd})  # diffusers name -> Wan name (names only)
+    converted = {k: sd[v] for k, v in to_wan.items()}
     with torch.device("meta"):
         model = AutoencoderKLWan(**cfg)
     expected = model.state_dict()
@@ -233,8 +239,8 @@ def build_wan_vae(
         target_dtype = next(iter(converted.values())).dtype
         if not target_dtype.is_floating_point:
             target_dtype = torch.float32
-    converted = {k: v.to(dtype=target_dtype) for k, v in converted.items()}
-    model.load_state_dict(converted, strict=True, assign=True)
+    state = {k: source.read(to_wan[k], target_dtype) for k in expected}  # one tensor at a time
+    model.load_state_dict(state, strict=True, assign=True)
     model = model.to(device=device)
     return WanVAE(model)
 
@@ -254,8 +260,8 @@ def load_wan_vae(
     path = Path(path)
     if path.is_dir():
         return _load_diffusers_dir(path, device, dtype)
-    sd = load_vae_state_dict(path)
-    return build_wan_vae(sd, name=str(path), config=config, device=device, dtype=dtype)
+    with open_vae_file(path) as ckpt:
+        return build_wan_vae(ckpt, name=str(path), config=config, device=device, dtype=dtype)
 
 
 def _load_diffusers_dir(path: Path, device, dtype) -> WanVAE:

@@ -219,3 +219,67 @@ def test_windowed_long_audio_close_to_one_shot(own_encoder):
     rel = ((out - ref).abs().max() / ref.abs().max()).item()
     assert rel < 1e-2, rel  # measured 1.7e-3 with tiny_audio_encoder(0) (2.3e-2 with the golden tiny model)
     assert windowed.num_frames == n and windowed.num_clips(48) == one_shot.num_clips(48)
+
+
+# -- precision, one reader, planner ----------------------------------------------------------------
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    return sum({id(t): t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]}.values())
+
+
+@pytest.fixture(scope="module")
+def tiny_w2v_state():
+    from liveavatar_pack.liveavatar.tiny import tiny_audio_encoder
+
+    model = tiny_audio_encoder(seed=3, hidden=64)
+    return model, {k: v for k, v in model.state_dict().items() if k != "masked_spec_embed"}
+
+
+def test_sft_pth_and_folded_weight_norm_files_load(tiny_w2v_state, tmp_path):
+    """ComfyUI's .sft suffix, a .pth and an export with the pos-conv weight norm folded all load alike."""
+    model, state = tiny_w2v_state
+    save_file(state, str(tmp_path / "w2v.sft"))
+    torch.save({"wav2vec2." + k: v for k, v in state.items()}, tmp_path / "w2v.pth")
+    x = torch.randn(1, 4000, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = torch.cat(model(x, output_hidden_states=True).hidden_states)
+        for name in ("w2v.sft", "w2v.pth"):
+            got = load_audio_encoder(tmp_path / name, dtype=torch.float32, num_heads=2)
+            assert torch.equal(torch.cat(got(x, output_hidden_states=True).hidden_states), want), name
+    folded = dict(state)
+    g = folded.pop("encoder.pos_conv_embed.conv.parametrizations.weight.original0")
+    v = folded.pop("encoder.pos_conv_embed.conv.parametrizations.weight.original1")
+    folded["encoder.pos_conv_embed.conv.weight"] = v * (g / v.norm(dim=(0, 1), keepdim=True))
+    save_file(folded, str(tmp_path / "w2v_folded.sft"))
+    got = load_audio_encoder(tmp_path / "w2v_folded.sft", dtype=torch.float32, num_heads=2)
+    with torch.no_grad():
+        out = torch.cat(got(x, output_hidden_states=True).hidden_states)
+    assert (out - want).abs().max() <= 1e-4 * want.abs().max()
+    (tmp_path / "cut.sft").write_bytes((tmp_path / "w2v.sft").read_bytes()[:4000])
+    with pytest.raises(ValueError, match=r"cut\.sft.*truncated"):
+        load_audio_encoder(tmp_path / "cut.sft")
+
+
+@pytest.mark.golden
+def test_bf16_and_fp16_parity_cost(audio_dir, golden):
+    """The README's figures: max |err| / max |golden| over all 25 hidden states per compute dtype."""
+    ref = golden["hidden_states"]
+    errs = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        feats = encode_audio(load_audio_encoder(audio_dir / "wav2vec2", dtype=dtype), audio_dir / "test_16k.wav")
+        errs[dtype] = ((feats.hidden_50hz(torch.arange(feats.num_50hz)) - ref).abs().max() / ref.abs().max()).item()
+    assert errs[torch.bfloat16] <= 3.5e-2, errs  # measured 1.7e-2
+    assert errs[torch.float16] <= 5e-3, errs  # measured 2.3e-3
+
+
+def test_planner_audio_bytes_equal_what_the_loader_allocates(tiny_w2v_state, tmp_path):
+    from liveavatar_pack.liveavatar.tiny import tiny_text_encoder
+    from liveavatar_pack.model_loaders.planner import EncoderSizes
+
+    model, state = tiny_w2v_state
+    save_file({k: v.half() for k, v in state.items()}, str(tmp_path / "w2v_fp16.safetensors"))
+    sizes = EncoderSizes.of_models(tiny_text_encoder(), model)
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        loaded = load_audio_encoder(tmp_path / "w2v_fp16.safetensors", dtype=dtype, num_heads=2)
+        assert sizes.with_precision(audio=precision).audio_total == _module_bytes(loaded), precision

@@ -304,3 +304,102 @@ def test_wrong_shapes_are_reported(tmp_path):
         load_wan_vae(path)
 
 
+
+
+# ---------------------------------------------------------------------------- precision, one reader, planner
+def _module_bytes(module: torch.nn.Module) -> int:
+    return sum({id(t): t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]}.values())
+
+
+@pytest.fixture(scope="module")
+def std_vae():
+    """A random VAE of the standard Wan 2.1 layout (what Wan's key names can describe), 8 wide."""
+    from liveavatar_pack.liveavatar.tiny import tiny_vae as make
+
+    return make(seed=2, base_dim=8)
+
+
+def test_sft_and_pth_files_load_alike(std_vae, tmp_path):
+    """ComfyUI lists .sft; every suffix goes through formats.open_checkpoint."""
+    from liveavatar_pack.model_loaders.vae import to_wan_state_dict
+
+    sd = to_wan_state_dict(std_vae.model)
+    save_file(sd, str(tmp_path / "wan_2.1_vae.sft"))
+    torch.save(sd, tmp_path / "Wan2.1_VAE.pth")
+    z = _latents(2, seed=4)
+    want = std_vae.decode(z)
+    for name in ("wan_2.1_vae.sft", "Wan2.1_VAE.pth"):
+        assert _maxdiff(load_wan_vae(tmp_path / name).decode(z), want) == 0.0, name
+    (tmp_path / "cut.sft").write_bytes((tmp_path / "wan_2.1_vae.sft").read_bytes()[:20000])
+    with pytest.raises(ValueError, match=r"cut\.sft.*truncated.*Wan 2.1 VAE"):
+        load_wan_vae(tmp_path / "cut.sft")
+
+
+def test_planner_vae_bytes_equal_what_the_loader_allocates(std_vae, tmp_path):
+    from liveavatar_pack.model_loaders.planner import VAESize
+    from liveavatar_pack.model_loaders.vae import to_wan_state_dict
+
+    save_file({k: v.half() for k, v in to_wan_state_dict(std_vae.model).items()}, str(tmp_path / "vae.safetensors"))
+    size = VAESize(base_dim=8, params=sum(p.numel() for p in std_vae.model.parameters()))
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        vae = load_wan_vae(tmp_path / "vae.safetensors", dtype=dtype)
+        assert size.with_precision(precision).weight_bytes == _module_bytes(vae.model), precision
+    # full size: the planner's default is the real 96-wide VAE counted on the meta device, in bf16
+    from diffusers import AutoencoderKLWan
+
+    with torch.device("meta"):
+        real = AutoencoderKLWan(base_dim=96)
+    assert VAESize().params == sum(p.numel() for p in real.parameters()) and VAESize().dtype_bytes == 2
+
+
+@pytest.mark.golden
+def test_low_precision_decode_error(golden_vae):
+    """bf16 / fp16 encode and streaming decode against the float32 golden (the README's figures).
+
+    max |err| / max |golden|; measured on the tiny golden VAE (random weights, base width 4):
+    bf16 encode 8.7e-3, stream 8.4e-2; fp16 encode 1.2e-3, stream 1.6e-2.
+    """
+    d, _, g = golden_vae
+    bounds = {torch.bfloat16: (2e-2, 0.17), torch.float16: (3e-3, 3.2e-2)}
+    for dtype, (enc_bound, dec_bound) in bounds.items():
+        vae = load_wan_vae(d / "vae.safetensors", config=d / "config.json", dtype=dtype)
+        assert vae.dtype == dtype
+        want = g["encode_video9_mean"]
+        enc = _maxdiff(vae.encode(g["video9"]), want) / want.abs().max().item()
+        dec = vae.streaming_decoder()
+        worst = 0.0
+        for part in ("warmup", "chunk0", "chunk1"):
+            out = dec.decode(g[f"stream_in_{part}"])
+            assert out.dtype == dtype
+            want = g[f"stream_out_{part}"]
+            worst = max(worst, _maxdiff(out, want) / want.abs().max().item())
+        assert enc <= enc_bound and worst <= dec_bound, (dtype, enc, worst)
+
+
+def test_loader_nodes_take_a_precision(tmp_path):
+    """The VAE / text / audio loader nodes load in the chosen precision; auto = per-device default."""
+    from liveavatar_pack.cli import tiny_models as tm
+    from liveavatar_pack.model_loaders.fp8 import FP8Linear
+    from node_env import comfy_double, run
+
+    models = tmp_path / "models"
+    tm.write_vae(models / "vae")
+    tm.write_text_encoder(models / "text_encoders")
+    tm.write_audio_encoder(models / "audio_encoders")
+    with comfy_double(tmp_path) as env:
+        from liveavatar_pack.nodes import loaders
+        for node in (loaders.VAELoader, loaders.TextEncoderLoader, loaders.AudioEncoderLoader):
+            names = [i.id for i in node.define_schema().inputs]
+            assert "precision" in names, node
+        auto = run(loaders.VAELoader, vae_name=tm.VAE_FILE, precision="auto")[0]
+        assert auto.vae.dtype == torch.float32  # the CPU default
+        assert run(loaders.VAELoader, vae_name=tm.VAE_FILE, precision="bf16")[0].vae.dtype == torch.bfloat16
+        te = run(loaders.TextEncoderLoader, text_encoder_name=tm.TEXT_FILE, tokenizer=loaders.BYTE_TOKENS,
+                 precision="auto")[0]
+        assert te.model.dtype == torch.bfloat16  # umT5 in bf16 on the CPU too (half of fp32's RAM)
+        te8 = run(loaders.TextEncoderLoader, text_encoder_name=tm.TEXT_FILE, tokenizer=loaders.BYTE_TOKENS,
+                  precision="fp8")[0]
+        assert any(isinstance(m, FP8Linear) for m in te8.model.modules())
+        ae = run(loaders.AudioEncoderLoader, audio_encoder_name=tm.AUDIO_FILE, precision="auto")[0]
+        assert ae.model.dtype == torch.float32
+        assert run(loaders.AudioEncoderLoader, audio_encoder_name=tm.AUDIO_FILE, precision="fp16")[0].model.dtype == torch.float16
