@@ -57,8 +57,9 @@ class Preflight:
     def warn(self, message: str) -> None:
         self.warnings.append(message)
 
-    def finish(self, stream=sys.stderr) -> None:
+    def finish(self, stream=None) -> None:
         """Print the warnings; raise :class:`PreflightError` if anything was refused."""
+        stream = stream or sys.stderr  # read at call time: sys.stderr may be replaced after import
         for message in self.warnings:
             print(f"warning: {message}", file=stream, flush=True)
         if self.problems:

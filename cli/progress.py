@@ -15,9 +15,9 @@ class BlockProgress:
     """Rewrites one status line (``\\r``) per decoded block; :meth:`end_line` closes it early so
     that a message printed after an interrupt starts on a line of its own."""
 
-    def __init__(self, total_blocks: int, total_frames: int, stream=sys.stderr):
+    def __init__(self, total_blocks: int, total_frames: int, stream=None):
         self.total_blocks, self.total_frames = total_blocks, total_frames
-        self.stream = stream
+        self.stream = stream or sys.stderr  # read at call time: sys.stderr may be replaced after import
         self.start = time.perf_counter()
         self.frames = 0
         self._line_open = False
