@@ -21,6 +21,8 @@ DISTRIBUTION = {"PIL": "Pillow", "imageio_ffmpeg": "imageio-ffmpeg"}
 # provided by ComfyUI itself when the pack runs there; imported only inside nodes/ and its tests
 COMFYUI_MODULES = {"comfy", "comfy_api", "folder_paths", "server", "nodes", "comfy_extras"}
 DEV_ONLY = {"pytest"}  # requirements-dev.txt
+# docs/ tools run with ComfyUI's own Python (docs/thumbnails.py drives a ComfyUI server): ComfyUI's deps
+COMFYUI_PYTHON_TOOLS = {"docs": {"aiohttp"}}
 
 
 def _names(lines) -> set[str]:
@@ -60,6 +62,8 @@ def _third_party_imports() -> dict[str, set[str]]:
                 continue
             for module in modules:
                 top = module.split(".", 1)[0]
+                if top in COMFYUI_PYTHON_TOOLS.get(path.relative_to(ROOT).parts[0], ()):
+                    continue
                 if top not in std and top not in local and top not in COMFYUI_MODULES:
                     found.setdefault(top, set()).add(str(path.relative_to(ROOT)))
     return found
