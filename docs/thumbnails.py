@@ -145,6 +145,7 @@ async def shoot_all(page: Page, names: list[str], run: set[str], out: Path, raw:
             raw.mkdir(parents=True, exist_ok=True)
             image.save(raw / f"{name}.png")
         thumb = image.resize((thumb_width, round(thumb_width * image.height / image.width)), Image.LANCZOS)
+        out.mkdir(parents=True, exist_ok=True)
         target = out / f"{name}.jpg"
         thumb.save(target, "JPEG", quality=85, optimize=True)
         print(target)
