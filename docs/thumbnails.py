@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import itertools
 import json
+import socket
 import subprocess
 import tempfile
 import time
@@ -86,15 +88,19 @@ class Page:
         return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
 
 
-async def shoot(server: str, chromium: str, names: list[str], run: set[str], out: Path, width: int, height: int,
-                thumb_width: int, raw: Path | None) -> None:
-    port = 9333
+@contextlib.asynccontextmanager
+async def open_page(server: str, chromium: str, width: int = 1600, height: int = 1000):
+    """A headless Chromium tab with ComfyUI's frontend loaded from ``server`` (closed on exit)."""
+    with socket.socket() as s:  # a free DevTools port: two tools (or a tool and a test) may run at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([chromium, *FLAGS, f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
                                  f"--window-size={width},{height}", "about:blank"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             async with aiohttp.ClientSession() as http:
+                targets = []
                 for _ in range(100):
                     try:
                         async with http.get(f"http://127.0.0.1:{port}/json/list") as r:
@@ -104,6 +110,8 @@ async def shoot(server: str, chromium: str, names: list[str], run: set[str], out
                     except aiohttp.ClientError:
                         pass
                     await asyncio.sleep(0.3)
+                if not targets:
+                    raise RuntimeError(f"{chromium} opened no DevTools page on port {port}")
                 async with http.ws_connect(targets[0]["webSocketDebuggerUrl"], max_msg_size=0) as ws:
                     page = Page(ws)
                     await page.call("Page.enable")
@@ -113,18 +121,24 @@ async def shoot(server: str, chromium: str, names: list[str], run: set[str], out
                     await page.wait_for("window.app && window.app.graph && window.app.canvas && true")
                     await asyncio.sleep(3)
                     await page.js("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click())")
-                    setting = "app.extensionManager.setting"
-                    before = {k: await page.js(f"{setting}.get({json.dumps(k)})") for k in SETTINGS}
-                    for key, value in SETTINGS.items():
-                        await page.js(f"{setting}.set({json.dumps(key)}, {json.dumps(value)}).then(() => true)")
-                    try:
-                        await shoot_all(page, names, run, out, raw, thumb_width)
-                    finally:
-                        for key, value in before.items():
-                            await page.js(f"{setting}.set({json.dumps(key)}, {json.dumps(value)}).then(() => true)")
+                    yield page
         finally:
             proc.terminate()
             proc.wait(30)
+
+
+async def shoot(server: str, chromium: str, names: list[str], run: set[str], out: Path, width: int, height: int,
+                thumb_width: int, raw: Path | None) -> None:
+    async with open_page(server, chromium, width, height) as page:
+        setting = "app.extensionManager.setting"
+        before = {k: await page.js(f"{setting}.get({json.dumps(k)})") for k in SETTINGS}
+        for key, value in SETTINGS.items():
+            await page.js(f"{setting}.set({json.dumps(key)}, {json.dumps(value)}).then(() => true)")
+        try:
+            await shoot_all(page, names, run, out, raw, thumb_width)
+        finally:
+            for key, value in before.items():
+                await page.js(f"{setting}.set({json.dumps(key)}, {json.dumps(value)}).then(() => true)")
 
 
 async def shoot_all(page: Page, names: list[str], run: set[str], out: Path, raw: Path | None, thumb_width: int) -> None:

@@ -134,6 +134,50 @@ def test_vram_plan_verdict_is_shown_by_the_pack_web_extension(server):
     assert '"LiveAvatarVRAMPlan"' in js and "message?.text" in js
 
 
+# widgets the core frontend itself puts into every queued prompt (display only; the server ignores them)
+CORE_DISPLAY_WIDGETS = {("LoadAudio", "audioUI"), ("PreviewAny", "preview")}
+
+
+def _chromium() -> str | None:
+    return os.environ.get("CHROMIUM") or next(
+        (p for p in map(shutil.which, ["chromium", "chromium-browser", "google-chrome"]) if p), None)
+
+
+def test_ui_examples_queue_what_their_api_twins_say(server):
+    """The real frontend loads each UI example (every node known, every combo value valid) and, after the nodes
+    have shown a run's text, queues the same prompt as its API twin: no display widget (the VRAM Plan's
+    verdict) leaks into the prompt, where it would change the node's cache key and re-run it on every queue."""
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("no Chromium (set CHROMIUM): the frontend check needs a headless browser")
+    url, info, _ = server
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    run = subprocess.run([python, str(ROOT / "docs" / "ui_prompts.py"), "--server", url, "--chromium", chromium],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout)
+    assert set(found) == {p.stem for p in (ROOT / "example_workflows").glob("*.json")}
+    for name, ui in found.items():
+        assert ui["missing"] == [] and ui["bad_combos"] == [], (name, ui["missing"], ui["bad_combos"])
+        twin = json.loads((ROOT / "api_workflows" / f"{name}_api.json").read_text())
+        assert set(ui["prompt"]) == set(twin), (name, sorted(ui["prompt"]), sorted(twin))
+        for node_id, node in ui["prompt"].items():
+            cls, want = node["class_type"], twin[node_id]["inputs"]
+            assert cls == twin[node_id]["class_type"], (name, node_id, cls)
+            optional = info[cls]["input"].get("optional", {})
+            for key, value in node["inputs"].items():
+                if (cls, key) in CORE_DISPLAY_WIDGETS:
+                    continue
+                if key not in want:  # the twin may leave an optional input at its default (a combo's: its first)
+                    spec = optional.get(key, [None, {}])
+                    default = spec[1].get("default", spec[0][0] if isinstance(spec[0], list) and spec[0] else None)
+                    assert key in optional and value == default, \
+                        f"{name}: node {node_id} ({cls}) queues {key}={str(value)[:80]!r}, not in its API twin"
+                else:
+                    assert value == want[key], f"{name}: node {node_id} ({cls}).{key}: UI {value!r}, API {want[key]!r}"
+            assert set(want) <= set(node["inputs"]), (name, node_id, set(want) - set(node["inputs"]))
+
+
 def test_missing_gpus_fail_fast_with_a_short_type_name(server):
     """The multi-GPU example on this GPU-less server: refused before torchrun starts, type name without a path."""
     from liveavatar_pack.cli.run_workflow import WorkflowError, load_api_workflow, run_workflow

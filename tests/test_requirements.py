@@ -39,9 +39,9 @@ def _requirements(name: str) -> set[str]:
 
 
 def _local_modules() -> set[str]:
-    """Top-level names that resolve inside the repository (the pack's folders, test/bench helpers)."""
+    """Top-level names that resolve inside the repository (the pack's folders, test/bench/docs helpers)."""
     names = {p.name for p in ROOT.iterdir() if p.is_dir()} | {"liveavatar_pack"}
-    for folder in ("tests", "bench"):
+    for folder in ("tests", "bench", "docs"):  # scripts there import their siblings
         names |= {p.stem for p in (ROOT / folder).glob("*.py")}
     return names
 

@@ -18,7 +18,10 @@ app.registerExtension({
       const widget = ComfyWidgets.STRING(this, WIDGET, ["STRING", { multiline: true }], app).widget;
       widget.element.readOnly = true;
       widget.element.placeholder = "the plan and its verdict appear here when the node runs";
-      widget.serialize = false; // not an input: keeps widgets_values and the API format unchanged
+      // not an input: keep it out of widgets_values (serialize) and out of the queued prompt (options.serialize);
+      // a prompt carrying last run's text would change the node's cache key and re-run it on every queue
+      widget.serialize = false;
+      widget.options.serialize = false;
       return r;
     };
     const onExecuted = nodeType.prototype.onExecuted;
