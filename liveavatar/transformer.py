@@ -350,8 +350,9 @@ class LiveAvatarTransformer(nn.Module):
         return TextContext([block.cross_attn.context_kv(emb) for block in self.blocks])
 
     def _patchify(self, conv: nn.Conv3d, latents: torch.Tensor) -> torch.Tensor:
-        """[C, F, h, w] -> [1, F*hp*wp, dim]."""
-        return conv(latents[None].to(self.device, self.dtype)).flatten(2).transpose(1, 2)
+        """[C, F, h, w] -> [1, F*hp*wp, dim], contiguous: a transposed view would make every block's
+        LayerNorms and residual adds work on strided memory (bitwise the same result, slower)."""
+        return conv(latents[None].to(self.device, self.dtype)).flatten(2).transpose(1, 2).contiguous()
 
     # ----------------------------------------------------------------- sink
     def sink_grids(self, h: int, w: int, ref_frame: int) -> list[TokenGrid]:
