@@ -200,6 +200,9 @@ def test_existing_output_is_never_overwritten_by_default(tmp_path):
     with Mp4Writer(out, fps=FPS, overwrite=True) as writer:
         writer.write(_frames(3))
     assert _decode_check(out) == (3, "")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file's mode, not mkstemp's 0600
 
 
 @pytest.fixture
@@ -248,3 +251,16 @@ def test_disk_full_keeps_the_partial_playable_and_says_so(small_disk):
     frames, complaints = _decode_check(partial)
     assert frames >= FPS and complaints == "", complaints  # at least the first second, cleanly
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler.bin", "full.partial.mp4"]
+
+
+def test_disk_full_while_muxing_says_so_and_keeps_the_video(small_disk):
+    out = small_disk / "late.mp4"
+    with pytest.raises(VideoOutputError) as caught:
+        with Mp4Writer(out, fps=FPS, audio=_tone(2.0), sample_rate=SR) as writer:
+            writer.write(_frames(30))
+            _fill(small_disk, 4096)  # the disk fills up before the video is finished
+    message = str(caught.value)
+    assert caught.value.errno == 28 and f"no space left on {small_disk}" in message, message
+    assert f"the video (without sound) stays in {partial_path_for(out)}" in message
+    assert _decode_check(partial_path_for(out)) == (30, "") and not out.exists()
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler.bin", "late.partial.mp4"]  # no temp file left
