@@ -146,6 +146,24 @@ def _decode_check(path):
     return frames, result.stderr.strip()
 
 
+def test_partial_plays_while_the_video_is_being_written(tmp_path):
+    """A copy of the partial taken mid-run (as after a kill) decodes: at least its first second, cleanly."""
+    out = tmp_path / "live.mp4"
+    snapshot = tmp_path / "snapshot.mp4"
+    with Mp4Writer(out, fps=FPS) as writer:
+        writer.write(_frames(4 * FPS))  # x264 holds back ~2 s of lookahead; a fragment is at most 1 s
+        frames, complaints = 0, "not tried"
+        deadline = time.monotonic() + 30  # bounded wait for ffmpeg to flush its first fragment
+        while frames < FPS and time.monotonic() < deadline:
+            time.sleep(0.05)
+            if writer.partial_path.exists():
+                shutil.copyfile(writer.partial_path, snapshot)
+                frames, complaints = _decode_check(snapshot)
+        assert frames >= FPS and complaints == "", complaints
+        assert not out.exists()
+    assert _decode_check(out) == (4 * FPS, "")
+
+
 def test_planted_links_are_never_followed(tmp_path):
     """Links at every name the writer could use point at a victim file: none is written through,
     and the result is a regular file."""
