@@ -274,7 +274,10 @@ class _FileSink(threading.Thread):
             if not data:
                 return
             if self.error is None:
-                self._write(data)
+                try:
+                    self._write(data)
+                except Exception as err:  # never stop draining: ffmpeg (and the writer) would block on the pipe
+                    self.error = err if isinstance(err, OSError) else OSError(f"{type(err).__name__}: {err}")
 
     def _write(self, data: bytes) -> None:
         if self.boxes is not None:
@@ -293,7 +296,10 @@ class _FileSink(threading.Thread):
             while self.boxes.cuts and self.boxes.cuts[0] <= self.written:
                 self.playable = self.boxes.cuts.popleft()
         if self.error is not None and self.written > self.playable:
-            os.ftruncate(self.fd, self.playable)  # frees space: a truncate never needs any
+            try:
+                os.ftruncate(self.fd, self.playable)  # frees space: a truncate never needs any
+            except OSError:
+                pass  # keep the first error; players skip a cut-off last fragment anyway
 
 
 class _StderrTail(threading.Thread):
