@@ -33,7 +33,9 @@ class Demo:
     def register(self, sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(self.name, help="run the whole pipeline on tiny random models (CPU, < 1 min)",
                            description=self.__doc__)
-        p.add_argument("--out", default="demo.mp4", help="output MP4 (default demo.mp4)")
+        p.add_argument("--out", default="demo.mp4", help="output MP4 (default demo.mp4; an existing file is refused "
+                                                         "without --overwrite)")
+        p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         p.add_argument("--size", default="256*256", help="maximum pixel area W*H (default 256*256)")
         p.add_argument("--seconds", type=float, default=3.5, help="length of the synthetic speech")
         p.add_argument("--num-clips", type=int, default=0, help="clips to generate (0: follow the audio)")

@@ -13,14 +13,14 @@ from ..liveavatar.image import load_reference_image
 from ..liveavatar.pipeline import Conditioning, VideoStream, encode_reference
 from ..liveavatar.text import encode_text
 from ..liveavatar.tiny import byte_tokens, tiny_audio_encoder, tiny_text_encoder, tiny_transformer, tiny_vae
-from ..liveavatar.video import check_writable
+from .preflight import check_output
 from .progress import write_with_progress
 
 SAMPLE_RATE = 16000
 
 
 def run_demo(args: argparse.Namespace) -> Path:
-    out = check_writable(args.out)
+    out = check_output(args.out, args.overwrite)  # before anything is built
     cfg = SamplerConfig(steps=args.steps, frames_per_clip=args.frames_per_clip)
     cfg.validate()
     text_encoder = tiny_text_encoder(seed=3)
@@ -46,4 +46,5 @@ def run_demo(args: argparse.Namespace) -> Path:
     print(f"demo: {cond.width}x{cond.height}, {stream.num_clips} clips, {stream.total_frames} frames, "
           f"{cfg.steps} steps (tiny random models: expect abstract motion, not a face)")
     with torch.inference_mode():
-        return write_with_progress(stream, out, audio=torch.from_numpy(speech), sample_rate=SAMPLE_RATE)
+        return write_with_progress(stream, out, audio=torch.from_numpy(speech), sample_rate=SAMPLE_RATE,
+                                   overwrite=args.overwrite)

@@ -13,7 +13,6 @@ from ..liveavatar.config import SamplerConfig
 from ..liveavatar.image import load_reference_image, parse_size
 from ..liveavatar.pipeline import Conditioning, VideoStream, encode_reference
 from ..liveavatar.text import encode_text, load_tokenizer, tokenize
-from ..liveavatar.video import check_writable
 from ..model_loaders.audio_encoder import load_audio_encoder
 from ..model_loaders.dit import load_dit
 from ..model_loaders.encoder_precision import resolve as resolve_precision
@@ -21,7 +20,7 @@ from ..model_loaders.model_dir import find_model_files
 from ..model_loaders.planner import preload_host_check
 from ..model_loaders.text_encoder import load_text_encoder
 from ..model_loaders.vae import load_wan_vae
-from .preflight import Preflight, check_audio, check_model_file, resolve_device
+from .preflight import Preflight, check_audio, check_model_file, check_output, resolve_device
 from .progress import write_with_progress
 from .workers import add_worker_arguments, worker_sources
 
@@ -41,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     for part in ("dit", "lora", "vae", "text-encoder", "tokenizer", "audio-encoder"):
         p.add_argument(f"--{part}", default=None, help=f"explicit path of the {part.replace('-', ' ')} (overrides --models)")
-    p.add_argument("--out", required=True, help="output MP4")
+    p.add_argument("--out", required=True, help="output MP4 (an existing file is refused without --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--host-ram", type=float, default=None, metavar="GIB",
                    help="host RAM the run may use, GiB (default: what the system reports available; 0: no check); "
                         "checked before loading")
@@ -71,7 +71,7 @@ def run_generate(args: argparse.Namespace) -> Path:
     pre.check(cfg.validate)
     if args.num_clips < 0:
         pre.problems.append(f"--num-clips must be 0 (follow the audio) or more; got {args.num_clips}")
-    out = pre.check(check_writable, args.out)
+    out = pre.check(check_output, args.out, args.overwrite)
     files = pre.check(lambda: find_model_files(
         args.models, dit=args.dit, lora=args.lora, vae=args.vae, text_encoder=args.text_encoder,
         tokenizer=args.tokenizer, audio_encoder=args.audio_encoder).require(Path(args.models)))
@@ -125,4 +125,4 @@ def run_generate(args: argparse.Namespace) -> Path:
     log(f"generating {stream.num_clips} clips = {stream.total_frames} frames at {cond.width}x{cond.height}, "
         f"{cfg.steps} steps, seed {args.seed} ({waveform.duration:.1f} s of audio)")
     with torch.inference_mode():
-        return write_with_progress(stream, out, audio=args.audio)
+        return write_with_progress(stream, out, audio=args.audio, overwrite=args.overwrite)

@@ -19,6 +19,7 @@ import torch
 
 from ..liveavatar.audio import Waveform
 from ..liveavatar.config import SamplerConfig
+from ..liveavatar.video import OutputExistsError, check_writable
 from ..model_loaders.formats import KIND_NAMES, open_checkpoint
 from .commands import UserError
 
@@ -143,3 +144,12 @@ def check_audio(wave: Waveform, cfg: SamplerConfig, pre: Preflight) -> None:
 
 __all__ = ["MIN_AUDIO_SAMPLES", "Preflight", "PreflightError", "check_audio", "check_model_file",
            "resolve_device"]
+
+
+def check_output(path: str | Path, overwrite: bool) -> Path:
+    """``check_writable`` for ``--out``: an existing file is refused unless ``--overwrite`` was given
+    (a finished video is never lost to a rerun with the same name)."""
+    try:
+        return check_writable(path, overwrite=overwrite)
+    except OutputExistsError as err:
+        raise OutputExistsError(f"{err}; pass --overwrite to replace it") from None

@@ -27,6 +27,8 @@ class BlockProgress:
         elapsed = time.perf_counter() - self.start
         fps = self.frames / elapsed if elapsed > 0 else 0.0
         last = chunk.blocks_done == self.total_blocks
+        # Open before the write: a Ctrl+C delivered as flush() returns must still find the line open.
+        self._line_open = True
         self.stream.write(
             f"\rclip {chunk.clip + 1} block {chunk.block + 1}: {chunk.blocks_done}/{self.total_blocks} blocks, "
             f"{self.frames}/{self.total_frames} frames, {fps:.2f} frames/s{chr(10) if last else ''}"
@@ -41,12 +43,13 @@ class BlockProgress:
             self._line_open = False
 
 
-def write_with_progress(stream: VideoStream, out: Path, audio: Any, sample_rate: int | None = None) -> Path:
+def write_with_progress(stream: VideoStream, out: Path, audio: Any, sample_rate: int | None = None,
+                        overwrite: bool = False) -> Path:
     """``write_mp4`` with a progress line. Ctrl+C or SIGTERM -> :class:`Interrupted`, which names the
     partial file the writer finalised (with its sound) and the frames it holds."""
     progress = BlockProgress(stream.blocks_total, stream.total_frames)
     try:
-        return write_mp4(stream, out, audio=audio, sample_rate=sample_rate, on_chunk=progress)
+        return write_mp4(stream, out, audio=audio, sample_rate=sample_rate, on_chunk=progress, overwrite=overwrite)
     except KeyboardInterrupt as err:
         progress.end_line()
         partial = partial_path_for(out)

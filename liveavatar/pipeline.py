@@ -129,11 +129,13 @@ def write_mp4(
     audio: Any = None,
     sample_rate: int | None = None,
     on_chunk: Callable[[FrameChunk], None] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Stream the video into an MP4 with sound; on failure a playable ``*.partial.mp4`` stays."""
+    """Stream the video into an MP4 with sound; on failure a playable ``*.partial.mp4`` stays.
+    An existing ``path`` is replaced only with ``overwrite``."""
     from .video import Mp4Writer
 
-    with Mp4Writer(path, fps=stream.cfg.fps, audio=audio, sample_rate=sample_rate) as writer:
+    with Mp4Writer(path, fps=stream.cfg.fps, audio=audio, sample_rate=sample_rate, overwrite=overwrite) as writer:
         for chunk in stream:
             writer.write(chunk.frames)
             if on_chunk is not None:

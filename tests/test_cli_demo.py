@@ -37,6 +37,27 @@ def test_demo_refuses_bad_frames_per_clip(tmp_path):
     assert "multiple of 12" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_demo_refuses_an_existing_out_before_building_anything(tmp_path):
+    out = tmp_path / "demo.mp4"
+    out.write_bytes(b"an earlier video")
+    cmd = [sys.executable, "-m", "liveavatar", "demo", "--out", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr == f"error: {out} already exists (not overwritten); pass --overwrite to replace it\n"
+    assert out.read_bytes() == b"an earlier video" and "demo:" not in result.stdout
+
+
+@pytest.mark.slow
+def test_demo_overwrite_replaces_the_file(tmp_path):
+    out = tmp_path / "demo.mp4"
+    out.write_bytes(b"an earlier video")
+    cmd = [sys.executable, "-m", "liveavatar", "demo", "--out", str(out), "--size", "64*64", "--seconds", "1.0",
+           "--num-clips", "1", "--steps", "1", "--overwrite"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert imageio_ffmpeg.count_frames_and_secs(str(out))[0] == 45 and not out.is_symlink()
+
+
 def _decoded(path):
     reader = imageio_ffmpeg.read_frames(str(path))
     next(reader)  # metadata

@@ -181,6 +181,19 @@ def test_encoders_are_freed_before_the_dit_loads(models, inputs, tmp_path, monke
     gc.collect()
 
 
+def test_existing_out_is_refused_before_loading_unless_overwrite(models, inputs, tmp_path):
+    out = tmp_path / "done.mp4"
+    out.write_bytes(b"an earlier video")
+    result = _generate(models, inputs, out, "--num-clips", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"error: {out} already exists (not overwritten); pass --overwrite to replace it\n" in result.stderr
+    assert "text encoder" not in result.stderr and out.read_bytes() == b"an earlier video"  # nothing was loaded
+    # with --overwrite the file is no problem (stopped here by a bad device, before loading)
+    result = _generate(models, inputs, out, "--overwrite", "--device", "gpu")
+    assert result.returncode == 2 and "already exists" not in result.stderr and "--device 'gpu'" in result.stderr
+    assert out.read_bytes() == b"an earlier video"
+
+
 def test_output_without_video_extension_is_refused_before_loading(models, inputs, tmp_path):
     result = _generate(models, inputs, tmp_path / "out" / "c7", "--num-clips", "1")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]

@@ -1,8 +1,11 @@
 """Streaming MP4 writer: H.264 frames + muxed sound, partial files on failure."""
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import time
+import uuid
 
 import imageio_ffmpeg
 import numpy as np
@@ -10,7 +13,8 @@ import pytest
 import torch
 
 from media_probe import probe_media
-from liveavatar_pack.liveavatar.video import Mp4Writer, VideoOutputError, check_writable, partial_path_for
+from liveavatar_pack.liveavatar.video import (Mp4Writer, OutputExistsError, VideoOutputError, check_writable,
+                                               partial_path_for)
 
 FPS = 25
 SR = 16000
@@ -132,3 +136,149 @@ def test_odd_sizes_and_bad_frames(tmp_path):
     with pytest.raises(ValueError, match="even"):
         with Mp4Writer(tmp_path / "strict.mp4", fps=FPS, pad_to_even=False) as writer:
             writer.write(_frames(1, h=33, w=48))
+
+
+def _decode_check(path):
+    """(frames ffmpeg decodes, ffmpeg's complaints) for a file, by a full decode."""
+    result = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-map", "0:v:0",
+                             "-f", "framemd5", "-"], capture_output=True, text=True)
+    frames = sum(1 for line in result.stdout.splitlines() if line and not line.startswith("#"))
+    return frames, result.stderr.strip()
+
+
+def test_partial_plays_while_the_video_is_being_written(tmp_path):
+    """A copy of the partial taken mid-run (as after a kill) decodes: at least its first second, cleanly."""
+    out = tmp_path / "live.mp4"
+    snapshot = tmp_path / "snapshot.mp4"
+    with Mp4Writer(out, fps=FPS) as writer:
+        writer.write(_frames(4 * FPS))  # x264 holds back ~2 s of lookahead; a fragment is at most 1 s
+        frames, complaints = 0, "not tried"
+        deadline = time.monotonic() + 30  # bounded wait for ffmpeg to flush its first fragment
+        while frames < FPS and time.monotonic() < deadline:
+            time.sleep(0.05)
+            if writer.partial_path.exists():
+                shutil.copyfile(writer.partial_path, snapshot)
+                frames, complaints = _decode_check(snapshot)
+        assert frames >= FPS and complaints == "", complaints
+        assert not out.exists()
+    assert _decode_check(out) == (4 * FPS, "")
+
+
+def test_planted_links_are_never_followed(tmp_path):
+    """Links at every name the writer could use point at a victim file: none is written through,
+    and the result is a regular file."""
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    out = folder / "out.mp4"
+    for name in ("out.partial.mp4", "out.muxing.mp4", "out.partial.muxing.mp4"):
+        (folder / name).symlink_to(victim)
+    with Mp4Writer(out, fps=FPS, audio=_tone(1.0), sample_rate=SR) as writer:
+        writer.write(_frames(10))
+    assert victim.read_bytes() == b"precious"
+    assert out.is_file() and not out.is_symlink()
+    assert _decode_check(out) == (10, "")
+    assert probe_media(out)[1] is not None  # with its sound
+    # a link at the final name itself: refused by default, replaced (never followed) with overwrite
+    out.unlink()
+    out.symlink_to(victim)
+    with pytest.raises(OutputExistsError, match="already exists"):
+        Mp4Writer(out, fps=FPS)
+    with Mp4Writer(out, fps=FPS, overwrite=True) as writer:
+        writer.write(_frames(4))
+    assert victim.read_bytes() == b"precious" and out.is_file() and not out.is_symlink()
+    # a failed run: the partial (with sound) is made the same way
+    (folder / "bad.partial.mp4").symlink_to(victim)
+    with pytest.raises(RuntimeError, match="boom"):
+        with Mp4Writer(folder / "bad.mp4", fps=FPS, audio=_tone(1.0), sample_rate=SR) as writer:
+            writer.write(_frames(6))
+            raise RuntimeError("boom")
+    partial = folder / "bad.partial.mp4"
+    assert victim.read_bytes() == b"precious" and partial.is_file() and not partial.is_symlink()
+    assert _decode_check(partial) == (6, "")
+    # nothing else left behind: no temp or muxing files
+    leftovers = {p.name for p in folder.iterdir()} - {"out.mp4", "bad.partial.mp4"}
+    assert all((folder / n).is_symlink() for n in leftovers), leftovers
+
+
+def test_existing_output_is_never_overwritten_by_default(tmp_path):
+    out = tmp_path / "keep.mp4"
+    out.write_bytes(b"an earlier video")
+    with pytest.raises(OutputExistsError, match="keep.mp4 already exists"):
+        Mp4Writer(out, fps=FPS)
+    # one that appears while the video is being made is kept too; the new video stays in the partial
+    late = tmp_path / "late.mp4"
+    with pytest.raises(OutputExistsError, match="not overwritten"):
+        with Mp4Writer(late, fps=FPS) as writer:
+            writer.write(_frames(5))
+            late.write_bytes(b"made meanwhile")
+    assert late.read_bytes() == b"made meanwhile"
+    assert _decode_check(partial_path_for(late)) == (5, "")
+    with Mp4Writer(out, fps=FPS, overwrite=True) as writer:
+        writer.write(_frames(3))
+    assert _decode_check(out) == (3, "")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file's mode, not mkstemp's 0600
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (root only; CI runs as root), unmounted afterwards."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command to make a small filesystem")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", f"liveavatar-test-{uuid.uuid4().hex[:8]}",
+                           str(mnt)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {made.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _fill(folder, leave):
+    """Fill ``folder``'s filesystem until ``leave`` bytes are free."""
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    (folder / "filler.bin").write_bytes(b"\0" * (free - leave))
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def test_disk_full_keeps_the_partial_playable_and_says_so(small_disk):
+    free = _fill(small_disk, 48 * 1024)
+    assert 32 * 1024 <= free <= 64 * 1024
+    out = small_disk / "full.mp4"
+    rng = np.random.default_rng(0)
+    with pytest.raises(VideoOutputError) as caught:
+        with Mp4Writer(out, fps=FPS, audio=_tone(60.0), sample_rate=SR) as writer:
+            for i in range(3000):  # ~3 KiB a frame: the disk is full long before
+                frames = _frames(1, h=64, w=96, start=i)
+                frames[:, 16:32, 16:48] = rng.integers(0, 256, (1, 16, 32, 3), dtype=np.uint8)
+                writer.write(frames)
+    message = str(caught.value)
+    assert caught.value.errno == 28
+    assert f"no space left on {small_disk}" in message and "full.partial.mp4" in message, message
+    assert "\n" not in message and "muxing" not in message
+    partial = partial_path_for(out)
+    assert partial.is_file() and not out.exists()
+    frames, complaints = _decode_check(partial)
+    assert frames >= FPS and complaints == "", complaints  # at least the first second, cleanly
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler.bin", "full.partial.mp4"]
+
+
+def test_disk_full_while_muxing_says_so_and_keeps_the_video(small_disk):
+    out = small_disk / "late.mp4"
+    with pytest.raises(VideoOutputError) as caught:
+        with Mp4Writer(out, fps=FPS, audio=_tone(2.0), sample_rate=SR) as writer:
+            writer.write(_frames(30))
+            _fill(small_disk, 4096)  # the disk fills up before the video is finished
+    message = str(caught.value)
+    assert caught.value.errno == 28 and f"no space left on {small_disk}" in message, message
+    assert f"the video (without sound) stays in {partial_path_for(out)}" in message
+    assert _decode_check(partial_path_for(out)) == (30, "") and not out.exists()
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler.bin", "late.partial.mp4"]  # no temp file left
