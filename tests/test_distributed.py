@@ -26,6 +26,7 @@ import torch
 from liveavatar_pack.distributed import protocol
 from liveavatar_pack.distributed.agent import AgentOptions, agent_command, agent_env
 from liveavatar_pack.distributed.launcher import (
+    TORCHRUN_ENTRY,
     PoolOptions,
     WorkerError,
     WorkerPool,
@@ -119,7 +120,7 @@ def test_steps_spread_contiguously_over_ranks():
 
 def test_launch_command_and_environment():
     cmd = torchrun_command(3, 29123)
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:2] == [sys.executable, str(TORCHRUN_ENTRY)]  # torchrun, its stores bound (distributed/torchrun.py)
     assert cmd[cmd.index("--nproc-per-node") + 1] == "3" and cmd[cmd.index("--master-addr") + 1] == "127.0.0.1"
     assert cmd[-1].endswith("distributed/worker.py") and all(isinstance(a, str) for a in cmd)
     base = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1", "PATH": "/bin"}
