@@ -122,7 +122,7 @@ def _deflated(obj) -> bytes:
 def test_a_compressed_message_is_refused_not_inflated():
     bomb = _deflated({"type": "hello", "rank": 0, "pid": 1, "pad": torch.zeros(8 << 20, dtype=torch.uint8)})
     assert len(bomb) < 64 << 10  # 8 MiB of zeros in a few KiB
-    with pytest.raises(protocol.MessageRefused, match="compressed"):
+    with pytest.raises(ValueError, match="compressed"):  # protocol.MessageRefused, before torch.load inflates it
         protocol.decode(bomb)
     plain = protocol.decode(protocol.encode({"type": "hello", "x": torch.arange(4)}))  # torch.save's own output
     assert torch.equal(plain["x"], torch.arange(4))
@@ -198,7 +198,7 @@ def test_idle_and_trickling_clients_do_not_stall_the_start():
         address = _listener_address(pool)
         idle = [_dial(address) for _ in range(11)]
         half = _dial(address)
-        half.sendall(protocol.MAGIC)  # the start of a hello, never finished
+        half.sendall(struct.pack("!Q", 200)[:5])  # the start of a frame, never finished
 
         def trickler():
             sock = _dial(address)
