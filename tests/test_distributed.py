@@ -443,13 +443,14 @@ def test_killed_parent_leaves_no_worker(tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_machines_on_loopback_give_the_single_process_result(reference):
-    """A head pool (nnodes=2, one worker) and a `worker-agent` process (one worker) as the second machine."""
+def test_two_machines_on_loopback_give_the_single_process_result(reference, tmp_path):
+    """A head pool (nnodes=2, one worker) and a `worker-agent` process (one worker) as the second machine;
+    the agent's rounds leave nothing in its temp folder (torchrun's torchelastic_* log folders)."""
     endpoint = f"127.0.0.1:{free_port()}"
     agent = subprocess.Popen(
         [sys.executable, "-m", "liveavatar", "worker-agent", "--rdzv-endpoint", endpoint, "--nnodes", "2",
          "--nproc-per-node", "1", "--cpu"],
-        env={**os.environ, protocol.ENV_ALLOW_CALLABLE: "1"},  # this machine runs the test's model function
+        env={**os.environ, protocol.ENV_ALLOW_CALLABLE: "1", "TMPDIR": str(tmp_path)},  # runs the test's model function
         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     spec = {"kind": "callable", "target": f"{Path(__file__).resolve()}:nccl_advised_model", "kwargs": {"seed": MODEL_SEED}}
@@ -488,6 +489,7 @@ def test_two_machines_on_loopback_give_the_single_process_result(reference):
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, log[-3000:]
+    assert not list(tmp_path.iterdir()), f"the agent left {sorted(p.name for p in tmp_path.iterdir())}"
 
 
 @pytest.mark.distributed
