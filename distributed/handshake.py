@@ -30,6 +30,7 @@ class _Pending:
     stage: str = "auth"  # auth -> header -> hello
     need: int = protocol.AUTH_FRAME
     buf: bytearray = field(default_factory=bytearray)
+    waiting: bool = False  # the last recv would have blocked
 
 
 class Gate:
@@ -52,7 +53,6 @@ class Gate:
         done: list[tuple[socket.socket, dict]] = []
         while not done:
             now = time.monotonic()
-            self._expire(now)
             wait = end - now
             if self._pending:
                 wait = min(wait, min(p.deadline for p in self._pending.values()) - now)
@@ -63,6 +63,8 @@ class Gate:
                     result = self._read(key.data)
                     if result is not None:
                         done.append(result)
+            # expired only after what already arrived was read: a slow head does not drop a prompt rank
+            self._expire(time.monotonic())
             if time.monotonic() >= end:
                 break
         return done
@@ -92,9 +94,19 @@ class Gate:
             self._selector.register(sock, selectors.EVENT_READ, pending)
 
     def _read(self, p: _Pending) -> tuple[socket.socket, dict] | None:
+        """Read what has arrived, stage after stage, until the socket would block or the hello is complete."""
+        while p.sock.fileno() in self._pending:
+            result = self._step(p)
+            if result is not None or p.waiting:
+                p.waiting = False
+                return result
+        return None
+
+    def _step(self, p: _Pending) -> tuple[socket.socket, dict] | None:
         try:
             chunk = p.sock.recv(p.need - len(p.buf))
         except (BlockingIOError, InterruptedError):
+            p.waiting = True
             return None
         except OSError:
             chunk = b""

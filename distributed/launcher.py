@@ -1,10 +1,13 @@
 """Launcher: a warm pool of torchrun workers and the parent's end of the job channel.
 
-``WorkerPool(PoolOptions(...))`` starts ``python -m torch.distributed.run`` (argument list,
-no shell) with a free loopback rendezvous port, a scrubbed environment (no inherited
-RANK/WORLD_SIZE/MASTER_*), ``CUDA_VISIBLE_DEVICES`` from the chosen GPUs (gloo on the CPU
-when there are none), and one channel connection per rank on a unix socket inside a fresh
-0700 directory (or loopback TCP), authenticated by a random token. The pool stays warm
+``WorkerPool(PoolOptions(...))`` starts torchrun (``torchrun.py``: its stores bound to
+127.0.0.1; argument list, no shell) with a free loopback rendezvous port, a scrubbed environment
+(no inherited RANK/WORLD_SIZE/MASTER_*), ``CUDA_VISIBLE_DEVICES`` from the chosen GPUs (gloo on
+the CPU when there are none), and one channel connection per rank on a unix socket inside a fresh
+0700 directory ``liveavatar-pool-<pid>-*`` (or loopback TCP), authenticated by a random token
+before anything is decoded (``handshake.Gate``; the listener closes once every rank is in). The
+folder also holds torchrun's log and log folder; a dead owner's folder is swept at the next start
+(``sweep_dead_pools``). A rank's error or death reaches the caller ahead of queued blocks. The pool stays warm
 across jobs, restarts when its options change (``reconfigure``) or after a failure, and is
 shut down by ``close()``, at interpreter exit, after ``idle_timeout_s`` without jobs, and -
 from the workers' side - when this process dies (channel EOF / parent PID poll).
@@ -557,7 +560,8 @@ class WorkerPool:
         Once one rank fails the others usually fail too (a peer's socket closed, torchrun's SIGTERM),
         so the cause is chosen: first a rank killed by a signal other than SIGTERM (or that broke the
         protocol) - nothing a peer does kills a process that way, while the peers' own errors are then
-        often its consequence (their collective saw its socket close); else the earliest error a rank
+        often its consequence (their collective saw its socket close); a rank whose exit status was
+        missed counts when its channel closed before the first error; else the earliest error a rank
         reported; else the first rank that ended without a report.
         """
         found: list[Failure] = []
@@ -574,7 +578,9 @@ class WorkerPool:
         for f in dead:
             if f.signal is None and f.code is None and f.refused is None:
                 f.signal, f.code = self._status_from_log(f.pid)
-        hard = [f for f in dead if f.refused is not None or (f.signal is not None and f.signal != signal.SIGTERM)]
+        first_error = errors[0].report.get("time", errors[0].seen) if errors else float("inf")
+        hard = [f for f in dead if f.refused is not None or (f.signal is not None and f.signal != signal.SIGTERM)
+                or (f.signal is None and f.code is None and f.seen < first_error)]  # status missed: the earlier wins
         if hard:
             cause = hard[0]
         elif errors:
