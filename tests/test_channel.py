@@ -185,6 +185,31 @@ def test_wrong_token_or_oversized_hello_is_dropped_before_decoding():
         s.close()
 
 
+@pytest.mark.distributed
+def test_after_authentication_a_message_is_bounded_by_what_the_job_can_carry():
+    """A rank's reply may be at most ~2x the job's largest block (plus stats): a larger length prefix is
+    refused before any of it is read (the old bound was 2^40 bytes)."""
+    from liveavatar_pack.distributed.launcher import reply_bound
+
+    text, audio, sink = inputs(2)
+    job = DistributedSampler(PoolOptions(), SamplerConfig(), text, audio, sink, seed=0).job(2)
+    bound = reply_bound(job)
+    block = {"type": "block", "job": 1, "clip": 1, "block": 3, "latents": torch.randn(16, 3, *sink.ref_latent.shape[-2:])}
+    assert len(protocol.encode(block)) < bound < 16 << 20  # a real block fits; a tiny job's bound stays small
+    a, b = socket.socketpair()
+    try:
+        a.settimeout(30)  # hang guard: reading the claimed payload would block here
+        conn = protocol.Connection(a, limit=bound)
+        b.sendall(protocol.frame(block))
+        assert torch.equal(conn.recv()["latents"], block["latents"])
+        b.sendall(struct.pack("!Q", bound + 1) + b"\0" * 16)
+        with pytest.raises(ValueError, match="refused"):  # protocol.MessageRefused, on the length prefix alone
+            conn.recv()
+    finally:
+        a.close()
+        b.close()
+
+
 # ----------------------------------------------------------------------------- stalling the start
 @pytest.mark.distributed
 def test_idle_and_trickling_clients_do_not_stall_the_start():
