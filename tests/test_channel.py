@@ -330,7 +330,15 @@ def _gone(pid: int) -> bool:
 @pytest.mark.distributed
 def test_a_killed_heads_pool_folder_is_swept_and_torchrun_leaves_no_folder(tmp_path):
     temp = Path(tempfile.mkdtemp(prefix="la-", dir="/tmp"))  # short: the channel socket lives under it
-    request_cleanup = lambda: shutil.rmtree(temp, ignore_errors=True)  # noqa: E731
+    try:
+        _killed_head_then_a_new_pool(tmp_path, temp)
+        left = sorted(p.name for p in temp.iterdir())
+        assert not left, f"left in the temp folder: {left}"
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _killed_head_then_a_new_pool(tmp_path: Path, temp: Path) -> None:
     script = tmp_path / "head.py"
     script.write_text(HEAD_SCRIPT.format(bootstrap=str(ROOT / "liveavatar" / "bootstrap.py"), root=str(ROOT)))
     env = {**os.environ, "TMPDIR": str(temp)}
@@ -346,6 +354,3 @@ def test_a_killed_heads_pool_folder_is_swept_and_torchrun_leaves_no_folder(tmp_p
     assert Path(first["dir"]).exists()  # SIGKILL ran no teardown
     second = subprocess.run([sys.executable, str(script), "close"], capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
-    left = sorted(p.name for p in temp.iterdir())
-    request_cleanup()
-    assert not left, f"left in the temp folder: {left}"
