@@ -22,8 +22,10 @@ channel's ``init``, never a ``callable`` spec (code to import), unless this mach
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -61,9 +63,10 @@ class AgentOptions:
             raise ValueError(f"{self.nproc_per_node} workers need {self.nproc_per_node} GPUs, got {list(self.gpus)}")
 
 
-def agent_command(opts: AgentOptions) -> list[str]:
+def agent_command(opts: AgentOptions, log_dir: str | None = None) -> list[str]:
+    """``log_dir``: torchrun's own folder (a round's temporary one; else torchrun leaves ``torchelastic_*``)."""
     return torchrun_command(opts.nproc_per_node, None, WORKER_ENTRY, nnodes=opts.nnodes, rdzv_endpoint=opts.rdzv_endpoint,
-                            rdzv_id=opts.rdzv_id, host_store=False, join_timeout_s=opts.join_timeout_s)
+                            rdzv_id=opts.rdzv_id, host_store=False, join_timeout_s=opts.join_timeout_s, log_dir=log_dir)
 
 
 def agent_env(opts: AgentOptions, base: dict | None = None) -> dict:
@@ -124,7 +127,8 @@ class Agent:
         return 0 if self._stopping.is_set() else rc  # stopped on request: a clean exit
 
     def _round(self) -> int:
-        self.proc = subprocess.Popen(agent_command(self.opts), env=agent_env(self.opts), stdin=subprocess.DEVNULL,
+        log_dir = tempfile.mkdtemp(prefix="liveavatar-agent-")
+        self.proc = subprocess.Popen(agent_command(self.opts, log_dir), env=agent_env(self.opts), stdin=subprocess.DEVNULL,
                                      start_new_session=True)  # its own group: one signal reaches every worker
         try:
             while True:
@@ -136,6 +140,7 @@ class Agent:
         finally:
             if self.proc.poll() is None:
                 self._end_round()
+            shutil.rmtree(log_dir, ignore_errors=True)
 
     def _end_round(self) -> int:
         proc = self.proc

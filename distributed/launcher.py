@@ -1,10 +1,13 @@
 """Launcher: a warm pool of torchrun workers and the parent's end of the job channel.
 
-``WorkerPool(PoolOptions(...))`` starts ``python -m torch.distributed.run`` (argument list,
-no shell) with a free loopback rendezvous port, a scrubbed environment (no inherited
-RANK/WORLD_SIZE/MASTER_*), ``CUDA_VISIBLE_DEVICES`` from the chosen GPUs (gloo on the CPU
-when there are none), and one channel connection per rank on a unix socket inside a fresh
-0700 directory (or loopback TCP), authenticated by a random token. The pool stays warm
+``WorkerPool(PoolOptions(...))`` starts torchrun (``torchrun.py``: its stores bound to
+127.0.0.1; argument list, no shell) with a free loopback rendezvous port, a scrubbed environment
+(no inherited RANK/WORLD_SIZE/MASTER_*), ``CUDA_VISIBLE_DEVICES`` from the chosen GPUs (gloo on
+the CPU when there are none), and one channel connection per rank on a unix socket inside a fresh
+0700 directory ``liveavatar-pool-<pid>-*`` (or loopback TCP), authenticated by a random token
+before anything is decoded (``handshake.Gate``; the listener closes once every rank is in). The
+folder also holds torchrun's log and log folder; a dead owner's folder is swept at the next start
+(``sweep_dead_pools``). A rank's error or death reaches the caller ahead of queued blocks. The pool stays warm
 across jobs, restarts when its options change (``reconfigure``) or after a failure, and is
 shut down by ``close()``, at interpreter exit, after ``idle_timeout_s`` without jobs, and -
 from the workers' side - when this process dies (channel EOF / parent PID poll).
@@ -28,6 +31,7 @@ import dataclasses
 import json
 import os
 import queue
+import re
 import secrets
 import shutil
 import signal
@@ -43,8 +47,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from . import protocol
+from .handshake import Gate
+from .torchrun import ENV_STORE_HOST
 
 WORKER_ENTRY = Path(__file__).resolve().parent / "worker.py"
+TORCHRUN_ENTRY = Path(__file__).resolve().parent / "torchrun.py"  # torchrun with its stores bound to one address
+POOL_PREFIX = "liveavatar-pool-"  # + "<owner pid>-"; a folder whose owner is gone is swept at the next start
 SCRUBBED_ENV = (
     "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
     "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
@@ -234,8 +242,35 @@ def worker_env(options: PoolOptions, channel: str, token: str, base: dict | None
         }
     )
     env.update(nccl_env(options))
+    env.update(listen_env(options, env))
     env.update(dict(options.env))
     return env, backend
+
+
+def loopback_interface() -> str | None:
+    """This machine's loopback interface name (``lo`` on Linux, ``lo0`` on macOS), if it has one."""
+    try:
+        names = {name for _, name in socket.if_nameindex()}
+    except OSError:
+        return None
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
+def listen_env(options: PoolOptions, env: dict) -> dict[str, str]:
+    """Where the pool's own listening sockets go.
+
+    torchrun's stores bind ``127.0.0.1`` on one machine (``torchrun.py``), the given endpoint otherwise.
+    On one machine gloo's and NCCL's bootstrap sockets are kept on the loopback interface too (they
+    otherwise bind the address of the host name), unless the user chose an interface.
+    """
+    multi = options.nnodes > 1 or options.rdzv_endpoint is not None
+    out = {ENV_STORE_HOST: "given" if multi else "127.0.0.1"}
+    lo = None if multi else loopback_interface()
+    if lo:
+        for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            if not env.get(name):
+                out[name] = lo
+    return out
 
 
 def nccl_env(options: PoolOptions) -> dict[str, str]:
@@ -245,12 +280,16 @@ def nccl_env(options: PoolOptions) -> dict[str, str]:
 
 def torchrun_command(workers: int, port: int | None = None, entry: Path = WORKER_ENTRY, *, nnodes: int = 1,
                      rdzv_endpoint: str | None = None, rdzv_id: str = RDZV_ID, host_store: bool = True,
-                     join_timeout_s: float | None = None) -> list[str]:
+                     join_timeout_s: float | None = None, log_dir: str | None = None) -> list[str]:
     """torchrun's argument list: loopback static rendezvous on one machine, else c10d at ``rdzv_endpoint``.
 
     ``host_store``: this agent hosts the rendezvous store (the head); agents on other machines pass False.
+    Run through ``torchrun.py`` (the same arguments), which binds the stores it hosts (``ENV_STORE_HOST``).
+    ``log_dir``: torchrun's own folder (else it leaves an empty ``torchelastic_*`` tree in the temp folder).
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(workers)]
+    cmd = [sys.executable, str(TORCHRUN_ENTRY), "--nnodes", str(nnodes), "--nproc-per-node", str(workers)]
+    if log_dir:
+        cmd += ["--log-dir", log_dir]
     if rdzv_endpoint is None:
         if nnodes != 1 or port is None:
             raise ValueError("several machines need a rendezvous endpoint; one machine needs a port")
@@ -340,8 +379,10 @@ class WorkerPool:
     def _launch(self) -> None:
         opts = self.options
         check_gpus(opts)  # before any process, socket or folder exists
-        self._dir = tempfile.mkdtemp(prefix="liveavatar-pool-")
+        sweep_dead_pools()
+        self._dir = tempfile.mkdtemp(prefix=f"{POOL_PREFIX}{os.getpid()}-")
         os.chmod(self._dir, 0o700)
+        Path(self._dir, OWNER_FILE).write_text(owner_stamp(os.getpid()) or "")
         if opts.channel == "unix":
             path = os.path.join(self._dir, "channel.sock")
             self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -353,55 +394,40 @@ class WorkerPool:
             self._listener = socket.socket(family, socket.SOCK_STREAM)
             self._listener.bind((opts.channel_host, 0))
             address = channel_address(opts, self._listener.getsockname()[1])
-        self._listener.listen(64)
-        self._listener.settimeout(0.2)
+        self._listener.listen(128)
         token = secrets.token_hex(16)
         env, backend = worker_env(opts, address, token)
         self._log = open(os.path.join(self._dir, "torchrun.log"), "wb")
         self._events = queue.Queue()
+        self._failures = queue.Queue()
         self.world = opts.procs * opts.nnodes
         self.remote_ranks, self.worker_hosts = set(), {}
         multi = opts.nnodes > 1 or opts.rdzv_endpoint is not None
         command = torchrun_command(
             opts.procs, None if multi else free_port(), nnodes=opts.nnodes,
             rdzv_endpoint=opts.rdzv_endpoint if multi else None, rdzv_id=opts.rdzv_id, host_store=True,
-            join_timeout_s=opts.start_timeout_s,
+            join_timeout_s=opts.start_timeout_s, log_dir=os.path.join(self._dir, "torchelastic"),
         )
         self._proc = subprocess.Popen(
             command, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so teardown reaches every worker
         )
         self.starts += 1
-        deadline = time.monotonic() + opts.start_timeout_s
-        while len(self._conns) < self.world:
-            self._check_agent()
-            if time.monotonic() > deadline:
-                raise WorkerError(f"{len(self._conns)} of {self.world} workers connected within {opts.start_timeout_s} s"
-                                  f"{self._waiting_hint()}{self._log_tail()}")
-            try:
-                sock, _ = self._listener.accept()
-            except socket.timeout:
-                continue
-            sock.settimeout(30)
-            conn = protocol.Connection(sock)
-            try:
-                hello = conn.recv()
-            except Exception:
-                conn.close()
-                continue
-            if hello.get("type") != "hello" or not secrets.compare_digest(str(hello.get("token")), token):
-                conn.close()
-                continue
-            sock.settimeout(None)
-            protocol.keepalive(sock)
-            rank = int(hello["rank"])
-            self.world = int(hello.get("world", self.world))
-            self._conns[rank] = conn
-            self.worker_pids[rank] = int(hello["pid"])
-            self.worker_hosts[rank] = str(hello.get("host", ""))
-            if not hello.get("head", True):
-                self.remote_ranks.add(rank)
-            threading.Thread(target=_reader, args=(rank, conn, self._events), daemon=True).start()
+        deadline = time.monotonic() + opts.start_timeout_s  # one deadline for the whole start, whoever connects
+        gate = Gate(self._listener, token)
+        try:
+            while len(self._conns) < self.world:
+                self._check_agent()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WorkerError(f"{len(self._conns)} of {self.world} workers connected within "
+                                      f"{opts.start_timeout_s} s{self._waiting_hint()}{self._log_tail()}")
+                for sock, hello in gate.poll(min(left, 0.2)):
+                    self._attach(sock, hello)
+        finally:
+            gate.close()
+            self._listener.close()  # every rank is in: nothing listens for the channel any more
+            self._listener = None
         init = {
             "type": "init", "model": model_spec(opts.model), "mode": opts.mode, "backend": backend,
             "threads": opts.threads, "collective_timeout_s": opts.collective_timeout_s, "env": nccl_env(opts),
@@ -415,6 +441,23 @@ class WorkerPool:
                 ready[rank] = msg
         self.ready_info = ready
         self._last_used = time.monotonic()
+
+    def _attach(self, sock: socket.socket, hello: dict) -> None:
+        """An authenticated rank: its connection, read by a thread that reports failures on a fast path."""
+        protocol.keepalive(sock)
+        rank = int(hello["rank"])
+        conn = protocol.Connection(sock, limit=protocol.CONTROL_MAX)
+        old = self._conns.pop(rank, None)
+        if old is not None:
+            old.close()
+        self.world = int(hello.get("world", self.world))
+        self._conns[rank] = conn
+        self.worker_pids[rank] = int(hello["pid"])
+        self.worker_hosts[rank] = str(hello.get("host", ""))
+        if not hello.get("head", True):
+            self.remote_ranks.add(rank)
+        pid = None if rank in self.remote_ranks else int(hello["pid"])
+        threading.Thread(target=_reader, args=(rank, conn, self._events, self._failures, pid), daemon=True).start()
 
     def close(self, grace_s: float = 10.0) -> None:
         """Shut the workers down (politely, then by signal) and remove the channel directory."""
@@ -493,7 +536,13 @@ class WorkerPool:
             raise WorkerError(f"torchrun exited with code {self._proc.returncode}{self._log_tail()}")
 
     def _next(self, timeout: float, doing: str) -> tuple[int, dict | None]:
-        """Next (rank, message); (-1, None) on timeout; raises WorkerError on a rank's error or death."""
+        """Next (rank, message); (-1, None) on timeout; raises WorkerError on a rank's error or death.
+
+        Failures come on their own queue and are checked first: a rank's death must not wait
+        behind the blocks already received (a slow consumer took 27-54 s to reach it).
+        """
+        if not self._failures.empty():
+            self._fail(doing)
         try:
             rank, msg = self._events.get(timeout=max(0.0, timeout))
         except queue.Empty:
@@ -501,33 +550,68 @@ class WorkerPool:
             if doing == "starting":
                 raise WorkerError(f"workers not ready within {self.options.start_timeout_s} s{self._log_tail()}")
             return -1, None
-        if msg is None or msg["type"] == "error":
-            self._fail((rank, msg), doing)
+        if msg is None or msg["type"] == "error" or not self._failures.empty():
+            self._fail(doing)
         return rank, msg
 
-    def _fail(self, first: tuple[int, dict | None], doing: str, grace_s: float = 0.5) -> None:
-        """Raise for the root failure: the earliest error any rank reported, else the rank that died.
+    def _fail(self, doing: str, grace_s: float = 0.5) -> None:
+        """Raise for the root failure among the ranks' failures (those of a short grace period too).
 
-        Once one rank fails the others usually fail too (a peer's socket closed, torchrun's
-        SIGTERM), so the reports of a short grace period are compared first.
+        Once one rank fails the others usually fail too (a peer's socket closed, torchrun's SIGTERM),
+        so the cause is chosen: first a rank killed by a signal other than SIGTERM (or that broke the
+        protocol) - nothing a peer does kills a process that way, while the peers' own errors are then
+        often its consequence (their collective saw its socket close); a rank whose exit status was
+        missed counts when its channel closed before the first error; else the earliest error a rank
+        reported; else the first rank that ended without a report.
         """
-        events = [first]
+        found: list[Failure] = []
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
+        while True:
             try:
-                events.append(self._events.get(timeout=max(0.0, deadline - time.monotonic())))
+                found.append(self._failures.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
-                break
-        errors = [m for _, m in events if m is not None and m["type"] == "error"]
-        dead = sorted({r for r, m in events if m is None} - {int(m["rank"]) for m in errors})
-        if errors:
-            err = min(errors, key=lambda m: m.get("time", 0.0))
-            also = f" (rank(s) {dead} exited without a report)" if dead else ""
-            raise WorkerError(f"rank {err['rank']} failed while {doing}{also}", int(err["rank"]), err["traceback"])
-        rank = dead[0]
-        pid = self.worker_pids.get(rank)
-        where = f" on {self.worker_hosts[rank]}" if rank in self.remote_ranks and self.worker_hosts.get(rank) else ""
-        raise WorkerError(f"rank {rank} (pid {pid}{where}) died while {doing} without a report{self._log_tail()}", rank)
+                if found or time.monotonic() >= deadline:
+                    break
+        reported = {f.rank for f in found if f.report is not None}
+        errors = sorted((f for f in found if f.report is not None), key=lambda f: f.report.get("time", f.seen))
+        dead = sorted((f for f in found if f.report is None and f.rank not in reported), key=lambda f: f.seen)
+        for f in dead:
+            if f.signal is None and f.code is None and f.refused is None:
+                f.signal, f.code = self._status_from_log(f.pid)
+        first_error = errors[0].report.get("time", errors[0].seen) if errors else float("inf")
+        hard = [f for f in dead if f.refused is not None or (f.signal is not None and f.signal != signal.SIGTERM)
+                or (f.signal is None and f.code is None and f.seen < first_error)]  # status missed: the earlier wins
+        if hard:
+            cause = hard[0]
+        elif errors:
+            err = errors[0]
+            also = [f.rank for f in dead]
+            also_text = f" (rank(s) {also} exited without a report)" if also else ""
+            raise WorkerError(f"rank {err.rank} failed while {doing}{also_text}", err.rank, err.report["traceback"])
+        elif dead:
+            cause = dead[0]
+        else:
+            self._check_agent()
+            raise WorkerError(f"the workers failed while {doing}{self._log_tail()}")
+        where = f" on {self.worker_hosts[cause.rank]}" if cause.rank in self.remote_ranks and self.worker_hosts.get(cause.rank) else ""
+        others = sorted({f.rank for f in found} - {cause.rank})
+        also_text = f"; rank(s) {others} failed after it" if others else ""
+        raise WorkerError(f"rank {cause.rank} (pid {cause.pid}{where}) {cause.describe()} while {doing}{also_text}"
+                          f"{self._log_tail()}", cause.rank)
+
+    def _status_from_log(self, pid: int | None) -> tuple[int | None, int | None]:
+        """(signal, exit code) of a local rank from torchrun's failure summary, when /proc had none."""
+        if pid is None or self._dir is None:
+            return None, None
+        try:
+            text = Path(self._dir, "torchrun.log").read_text(errors="replace")
+        except OSError:
+            return None, None
+        found = re.findall(rf"exitcode\s*:\s*(-?\d+)\s*\(pid:\s*{pid}\)", text)
+        if not found:
+            return None, None
+        code = int(found[-1])
+        return (-code, None) if code < 0 else (None, code)
 
     # ------------------------------------------------------------------ jobs
     def run(self, job: dict, check_cancel: Callable[[], None] | None = None, poll_s: float = 0.05) -> Iterator[dict]:
@@ -547,6 +631,9 @@ class WorkerPool:
             interrupt: BaseException | None = None
             finished = False
             try:
+                bound = reply_bound(job)
+                for conn in self._conns.values():
+                    conn.limit = bound
                 self._send_all({**job, "type": "job", "job": job_id})
                 while len(done) < self.world:
                     if interrupt is None and check_cancel is not None:
@@ -601,14 +688,136 @@ class WorkerPool:
         self.close()
 
 
-def _reader(rank: int, conn: protocol.Connection, events: queue.Queue) -> None:
+def reply_bound(job: dict) -> int:
+    """The largest message a rank may send the parent during ``job`` (checked on each length prefix).
+
+    A rank sends one block at a time: float32 latents [C, frames, h, w], or a decode rank's uint8
+    frames [n, H, W, 3] (n <= frames_per_block + one temporal stride for the causal first block;
+    H, W <= 16x the latent size, twice the Wan VAE's 8x), then per-rank stats that grow with the
+    number of blocks (timings, per-block byte counts). Twice the largest of those, plus
+    ``CONTROL_MAX`` for the plain-data parts, is generous for every legitimate reply and still
+    bounded by the job the parent chose, not by what a peer claims.
+    """
+    cfg = job["cfg"]
+    c, _, h, w = job["ref_latent"].shape
+    nf, stride = int(cfg["latent_frames_per_block"]), int(cfg["vae_temporal_stride"])
+    blocks = int(job["num_clips"]) * (int(cfg["frames_per_clip"]) // stride // nf)
+    largest = c * nf * h * w * 4
+    if job.get("vae") is not None:
+        largest = max(largest, (nf * stride + stride) * (16 * h) * (16 * w) * 3)
+    return 2 * (largest + 512 * blocks) + protocol.CONTROL_MAX
+
+
+@dataclass
+class Failure:
+    """A rank's end as its reader saw it: an error report, or the channel closing (and how it ended)."""
+
+    rank: int
+    seen: float  # time.time() when the parent saw it
+    pid: int | None = None
+    report: dict | None = None  # the rank's ``error`` message
+    signal: int | None = None  # the signal that ended the process, when known
+    code: int | None = None  # its exit code, when known
+    refused: str | None = None  # the parent dropped the connection: a message broke the protocol
+
+    def describe(self) -> str:
+        if self.refused is not None:
+            return f"broke the channel protocol ({self.refused})"
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = f"signal {self.signal}"
+            return f"died of {name} (signal {self.signal}) without a report"
+        if self.code is not None:
+            return f"died with exit code {self.code} without a report"
+        return "died without a report"
+
+
+def exit_status(pid: int | None, wait_s: float = 0.3) -> tuple[int | None, int | None]:
+    """(signal, exit code) of a local process that just closed its channel, read while it is a zombie.
+
+    Its parent is torchrun, not us, so there is no ``waitpid``; ``/proc/<pid>/stat`` keeps the
+    wait status (field 52) until torchrun reaps it (its monitor polls every 0.2 s). None when missed.
+    """
+    if pid is None:
+        return None, None
+    end = time.monotonic() + wait_s
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            return None, None
+        if fields[0] in ("Z", "X") and len(fields) >= 50:
+            status = int(fields[49])
+            return (status & 0x7F, None) if status & 0x7F else (None, (status >> 8) & 0xFF)
+        if time.monotonic() >= end:
+            return None, None
+        time.sleep(0.005)
+
+
+def _reader(rank: int, conn: protocol.Connection, events: queue.Queue, failures: queue.Queue, pid: int | None) -> None:
+    """Reads one rank's messages. Errors and the channel's end also go to ``failures``, read before the data."""
     while True:
         try:
             msg = conn.recv()
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - closed, reset, or refused: the rank is gone for this pool
+            seen = time.time()
+            refused = str(exc) if isinstance(exc, protocol.MessageRefused) else None
+            sig, code = (None, None) if refused else exit_status(pid)
+            failures.put(Failure(rank, seen, pid, signal=sig, code=code, refused=refused))
             events.put((rank, None))
             return
+        if msg["type"] == "error":
+            failures.put(Failure(rank, time.time(), pid, report=msg))
         events.put((rank, msg))
+
+
+OWNER_FILE = "owner"
+
+
+def owner_stamp(pid: int) -> str | None:
+    """``"<pid> <start time>"``: a pid is reused, a pid with its start time is not."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f"{pid} {f.read().rpartition(')')[2].split()[19]}"
+    except (OSError, IndexError):
+        return None
+
+
+def sweep_dead_pools(root: str | None = None) -> list[str]:
+    """Remove the pool folders (channel socket, torchrun log and its torchelastic tree) of dead owners.
+
+    A head killed by SIGKILL runs no teardown; its workers stop on their own (channel EOF, parent
+    PID poll) but its folder stays. Each folder is named after its owner's pid and records the
+    owner's start time; it is removed when that process is gone (or the pid now belongs to another).
+    Only this user's folders are touched.
+    """
+    root = root or tempfile.gettempdir()
+    removed = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(POOL_PREFIX):
+            continue
+        pid_text = entry.name[len(POOL_PREFIX):].partition("-")[0]
+        try:
+            if not pid_text.isdigit() or not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            recorded = Path(entry.path, OWNER_FILE).read_text().strip()
+        except OSError:
+            recorded = ""
+        pid = int(pid_text) if pid_text.isdigit() else None
+        if pid is None or pid == os.getpid():
+            continue
+        current = owner_stamp(pid)
+        if current is None or (recorded and current != recorded):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
 
 
 def _idle_watch(ref) -> None:

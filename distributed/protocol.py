@@ -4,8 +4,16 @@ One stream socket per rank (a unix socket in a fresh 0700 directory, or TCP: loo
 for a pool over several machines the address the head exposes deliberately), carrying length-prefixed messages. A message is a dict of plain data (str, int, float,
 bool, None, lists, tuples, dicts) and tensors, serialised with ``torch.save`` and read
 back with ``torch.load(weights_only=True)``: no pickle of arbitrary objects crosses the
-channel in either direction. Every connection starts with a ``hello`` carrying a random
-token the parent handed to its workers, so only they can attach.
+channel in either direction.
+
+Authentication comes first and costs the head almost nothing: a connection opens with a
+fixed-size raw frame (``MAGIC`` + the random token the parent handed to its workers), which
+the head compares before it decodes a single byte of a message; a wrong or slow frame closes
+the connection (``HELLO_DEADLINE_S`` in total, see ``launcher``). Only then comes the
+``hello`` message, itself bounded to ``HELLO_MAX`` bytes. Every later message is bounded by
+what the protocol can carry at that moment (``Connection.limit``; the launcher derives it
+from the job), and ``decode`` refuses compressed zip entries, so no message inflates: the
+memory a peer can cost is the size of the frame it actually sent.
 
 Message types (``msg["type"]``):
   parent -> rank: ``init`` (pool config), ``job``, ``cancel``, ``shutdown``
@@ -15,14 +23,23 @@ Message types (``msg["type"]``):
 from __future__ import annotations
 
 import io
+import os
 import socket
 import struct
 import threading
+import zipfile
 
 import torch
 
 HEADER = struct.Struct("!Q")
-MAX_MESSAGE = 1 << 40
+MAGIC = b"LIVEAVATAR-CH1\n"
+TOKEN_BYTES = 32  # secrets.token_hex(16)
+AUTH_FRAME = len(MAGIC) + TOKEN_BYTES  # the raw frame read (and compared) before anything is decoded
+HELLO_MAX = 4096  # a hello is a few small fields; its torch.save zip is ~1.5 KiB
+CONTROL_MAX = 1 << 20  # ready / done / error / init / cancel: plain data and tracebacks (4 KiB tails)
+# Messages from the parent (jobs carry the whole audio, and injected noise for every clip): the parent
+# is the one peer a rank dialled itself, so this is a sanity cap, configurable for very long jobs.
+FROM_PARENT_MAX = int(os.environ.get("LIVEAVATAR_CHANNEL_MAX_JOB_BYTES", str(64 << 30)))
 
 ENV_CHANNEL = "LIVEAVATAR_CHANNEL"  # "unix:<path>" or "tcp:<host>:<port>"
 ENV_TOKEN = "LIVEAVATAR_CHANNEL_TOKEN"
@@ -43,7 +60,33 @@ def encode(message: dict) -> bytes:
     return buf.getvalue()
 
 
+class MessageRefused(ValueError):
+    """A message over its bound, compressed, or not a message: the connection is dropped."""
+
+
+def check_stored(payload: bytes) -> None:
+    """Refuse a ``torch.save`` zip whose entries are compressed (or claim more than the payload holds).
+
+    ``torch.save`` stores entries uncompressed, but its reader inflates deflated ones: a 262 KB
+    payload inflated to 256 MiB (~1000x). Refusing compression keeps a message's memory at its size.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise MessageRefused(f"channel message is not a torch.save archive ({exc})") from None
+    total = 0
+    for info in entries:
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+            raise MessageRefused(f"channel message entry {info.filename!r} is compressed "
+                                 f"({info.compress_size} -> {info.file_size} bytes); only stored entries are read")
+        total += info.file_size
+    if total > len(payload):
+        raise MessageRefused(f"channel message entries claim {total} bytes in a {len(payload)}-byte payload")
+
+
 def decode(payload: bytes) -> dict:
+    check_stored(payload)
     message = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
     if not isinstance(message, dict) or "type" not in message:
         raise ValueError("malformed channel message")
@@ -61,22 +104,42 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
-class Connection:
-    """One end of a channel connection; ``send`` is thread-safe, ``recv`` is for one reader."""
+def auth_frame(token: str) -> bytes:
+    """The raw frame a rank sends first: ``MAGIC`` + its token (ASCII hex, ``TOKEN_BYTES`` long)."""
+    raw = token.encode("ascii")
+    if len(raw) != TOKEN_BYTES:
+        raise ValueError(f"channel token must be {TOKEN_BYTES} ASCII characters, got {len(raw)}")
+    return MAGIC + raw
 
-    def __init__(self, sock: socket.socket):
+
+def frame(message: dict) -> bytes:
+    payload = encode(message)
+    return HEADER.pack(len(payload)) + payload
+
+
+class Connection:
+    """One end of a channel connection; ``send`` is thread-safe, ``recv`` is for one reader.
+
+    ``limit``: the largest message ``recv`` accepts (bytes), checked on the length prefix before
+    any of the payload is read; the owner raises or lowers it as the protocol state changes.
+    """
+
+    def __init__(self, sock: socket.socket, limit: int = CONTROL_MAX):
         self.sock = sock
+        self.limit = limit
         self._lock = threading.Lock()
 
     def send(self, message: dict) -> None:
-        payload = encode(message)
+        self.send_raw(frame(message))
+
+    def send_raw(self, data: bytes) -> None:
         with self._lock:
-            self.sock.sendall(HEADER.pack(len(payload)) + payload)
+            self.sock.sendall(data)
 
     def recv(self) -> dict:
         (size,) = HEADER.unpack(_recv_exact(self.sock, HEADER.size))
-        if size > MAX_MESSAGE:
-            raise ValueError(f"channel message of {size} bytes refused")
+        if size > self.limit:
+            raise MessageRefused(f"channel message of {size} bytes refused (at most {self.limit} expected here)")
         return decode(_recv_exact(self.sock, size))
 
     def close(self) -> None:
@@ -97,11 +160,13 @@ def keepalive(sock: socket.socket, idle_s: int = 30, interval_s: int = 10, count
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
-def connect(address: str, timeout: float = 30.0, remote: bool = False) -> Connection:
+def connect(address: str, timeout: float = 30.0, remote: bool = False, first: bytes = b"") -> Connection:
     """Connect to ``unix:<path>`` or ``tcp:<host>:<port>``.
 
     TCP stays on loopback unless ``remote``: a rank on another machine, which read the head's
-    address from torchrun's rendezvous store (the head exposed it deliberately).
+    address from torchrun's rendezvous store (the head exposed it deliberately). ``first`` (the
+    prepared auth frame and hello) goes out right after connecting: the head gives a new connection
+    ``HELLO_DEADLINE_S`` in total, so nothing slow (encoding) may sit between connect and send.
     """
     kind, _, rest = address.partition(":")
     if kind == "unix":
@@ -119,6 +184,8 @@ def connect(address: str, timeout: float = 30.0, remote: bool = False) -> Connec
         raise ValueError(f"unknown channel address {address!r}")
     sock.settimeout(timeout)
     sock.connect(target)
+    if first:
+        sock.sendall(first)
     sock.settimeout(None)
     keepalive(sock)
-    return Connection(sock)
+    return Connection(sock, limit=FROM_PARENT_MAX)

@@ -514,9 +514,10 @@ def serve() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     address, token, head = channel_endpoint()
-    conn = protocol.connect(address, remote=not head)
-    conn.send({"type": "hello", "rank": rank, "pid": os.getpid(), "token": token, "world": world, "head": head,
-               "host": socket.gethostname(), "node": int(os.environ.get("GROUP_RANK", "0"))})
+    hello = {"type": "hello", "rank": rank, "pid": os.getpid(), "world": world, "head": head,
+             "host": socket.gethostname()[:255], "node": int(os.environ.get("GROUP_RANK", "0"))}
+    # the auth frame then the hello, prepared before connecting: the head gives a connection ~1 s in all
+    conn = protocol.connect(address, remote=not head, first=protocol.auth_frame(token) + protocol.frame(hello))
     parent = os.environ.get(protocol.ENV_PARENT_PID) if head else None  # another machine's PID means nothing here
     inbox = Inbox(conn, int(parent) if parent else None)
     try:

@@ -26,6 +26,7 @@ import torch
 from liveavatar_pack.distributed import protocol
 from liveavatar_pack.distributed.agent import AgentOptions, agent_command, agent_env
 from liveavatar_pack.distributed.launcher import (
+    TORCHRUN_ENTRY,
     PoolOptions,
     WorkerError,
     WorkerPool,
@@ -119,7 +120,7 @@ def test_steps_spread_contiguously_over_ranks():
 
 def test_launch_command_and_environment():
     cmd = torchrun_command(3, 29123)
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:2] == [sys.executable, str(TORCHRUN_ENTRY)]  # torchrun, its stores bound (distributed/torchrun.py)
     assert cmd[cmd.index("--nproc-per-node") + 1] == "3" and cmd[cmd.index("--master-addr") + 1] == "127.0.0.1"
     assert cmd[-1].endswith("distributed/worker.py") and all(isinstance(a, str) for a in cmd)
     base = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1", "PATH": "/bin"}
@@ -442,13 +443,14 @@ def test_killed_parent_leaves_no_worker(tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_machines_on_loopback_give_the_single_process_result(reference):
-    """A head pool (nnodes=2, one worker) and a `worker-agent` process (one worker) as the second machine."""
+def test_two_machines_on_loopback_give_the_single_process_result(reference, tmp_path):
+    """A head pool (nnodes=2, one worker) and a `worker-agent` process (one worker) as the second machine;
+    the agent's rounds leave nothing in its temp folder (torchrun's torchelastic_* log folders)."""
     endpoint = f"127.0.0.1:{free_port()}"
     agent = subprocess.Popen(
         [sys.executable, "-m", "liveavatar", "worker-agent", "--rdzv-endpoint", endpoint, "--nnodes", "2",
          "--nproc-per-node", "1", "--cpu"],
-        env={**os.environ, protocol.ENV_ALLOW_CALLABLE: "1"},  # this machine runs the test's model function
+        env={**os.environ, protocol.ENV_ALLOW_CALLABLE: "1", "TMPDIR": str(tmp_path)},  # runs the test's model function
         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     spec = {"kind": "callable", "target": f"{Path(__file__).resolve()}:nccl_advised_model", "kwargs": {"seed": MODEL_SEED}}
@@ -487,6 +489,7 @@ def test_two_machines_on_loopback_give_the_single_process_result(reference):
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, log[-3000:]
+    assert not list(tmp_path.iterdir()), f"the agent left {sorted(p.name for p in tmp_path.iterdir())}"
 
 
 @pytest.mark.distributed
