@@ -68,6 +68,39 @@ def _mount_point(path: Path) -> Path:
     return path
 
 
+SOUNDTRACK_PREFIX = "liveavatar-audio-"  # + owner pid + "-": the temporary WAV a writer muxes from
+
+
+def sweep_dead_soundtracks(folder: str | None = None) -> list[str]:
+    """Remove this user's temporary soundtrack WAVs whose writing process is gone.
+
+    A writer removes its WAV when it finishes or fails; a process killed by SIGKILL cannot, so
+    the next writer cleans up after it. The file name carries the owner's pid.
+    """
+    folder = folder or tempfile.gettempdir()
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        pid_text = entry.name[len(SOUNDTRACK_PREFIX):].partition("-")[0]
+        if not entry.name.startswith(SOUNDTRACK_PREFIX) or not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            os.kill(int(pid_text), 0)  # raises when no such process exists
+        except ProcessLookupError:
+            try:
+                os.unlink(entry.path)
+                removed.append(entry.path)
+            except OSError:
+                pass
+        except OSError:  # alive under another user (PermissionError) or unreadable: leave it
+            continue
+    return removed
+
 def no_space_message(folder: Path) -> str:
     """``no space left on <mount point> (<free> bytes free, writing in <folder>)``: where to make room."""
     try:
@@ -387,7 +420,8 @@ class Mp4Writer:
             else:
                 if not sample_rate:
                     raise ValueError("a waveform needs its sample_rate")
-                fd, tmp = tempfile.mkstemp(prefix="liveavatar-audio-", suffix=".wav")
+                sweep_dead_soundtracks()
+                fd, tmp = tempfile.mkstemp(prefix=f"{SOUNDTRACK_PREFIX}{os.getpid()}-", suffix=".wav")
                 self._tmp_audio = Path(tmp)
                 try:
                     with os.fdopen(fd, "wb") as f:  # through mkstemp's descriptor, never reopened by name

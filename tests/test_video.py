@@ -282,3 +282,26 @@ def test_disk_full_while_muxing_says_so_and_keeps_the_video(small_disk):
     assert f"the video (without sound) stays in {partial_path_for(out)}" in message
     assert _decode_check(partial_path_for(out)) == (30, "") and not out.exists()
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler.bin", "late.partial.mp4"]  # no temp file left
+
+
+def test_a_killed_writers_soundtrack_is_swept_by_the_next_writer(tmp_path, monkeypatch):
+    """A SIGKILLed process cannot remove its temporary WAV; the next writer removes it (its pid is gone),
+    and leaves a living process's WAV alone."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["sleep", "0"])
+    dead.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        orphan = tmp_path / f"liveavatar-audio-{dead.pid}-x1.wav"
+        living = tmp_path / f"liveavatar-audio-{alive.pid}-x2.wav"
+        orphan.write_bytes(b"RIFF")
+        living.write_bytes(b"RIFF")
+        with Mp4Writer(tmp_path / "next.mp4", fps=FPS, audio=_tone(0.4), sample_rate=SR) as writer:
+            writer.write(_frames(10))
+        assert not orphan.exists() and living.exists()
+        assert not list(tmp_path.glob(f"liveavatar-audio-{os.getpid()}-*"))  # its own WAV is gone after the run
+    finally:
+        alive.kill()
+        alive.wait()
