@@ -29,10 +29,39 @@ def main(argv: list[str] | None = None) -> int:
         # On a line of its own (the progress line is closed first), naming the partial video if any.
         print(str(err) if isinstance(err, Interrupted) else f"interrupted by {signal_name(err)}", file=sys.stderr)
         return exit_status(err)
-    except (commands.UserError, ValueError, OSError) as err:
-        # Bad input or a file problem: a message the user can act on, not a traceback
-        # (set LIVEAVATAR_DEBUG=1 to see where it came from).
+    except Exception as err:  # noqa: BLE001 - every failure is one line; LIVEAVATAR_DEBUG=1 shows the traceback
         if os.environ.get("LIVEAVATAR_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        message, status = describe_error(err)
+        print(f"error: {message}", file=sys.stderr)
+        return status
+
+
+DEBUG_HINT = "set LIVEAVATAR_DEBUG=1 for the traceback"
+
+
+def describe_error(err: BaseException) -> tuple[str, int]:
+    """(what to print after ``error: ``, exit status) for an exception that ends a command.
+
+    Bad input or a file problem (``UserError``, ``ValueError``, ``OSError``) is a message the user
+    can act on, printed whole (a preflight lists one problem a line), status 2. A worker failure
+    is its first line plus the worker's own exception line: the remote traceback and the torchrun
+    log tail it carries are printed only with ``LIVEAVATAR_DEBUG=1``. Anything else is a bug or
+    a resource limit: its type and first line, and how to see the traceback; status 1.
+    """
+    try:
+        from ..distributed.launcher import WorkerError
+    except ImportError:  # the error path must not fail on an optional part
+        WorkerError = ()  # noqa: N806
+
+    if WorkerError and isinstance(err, WorkerError):
+        first = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+        tail = [line.strip() for line in (err.traceback_tail or "").splitlines() if line.strip()]
+        reason = f": {tail[-1]}" if tail and tail[-1] not in first else ""
+        return f"{first}{reason} ({DEBUG_HINT} and the worker's)", 1
+    if isinstance(err, (commands.UserError, ValueError, OSError)):
+        return str(err) or type(err).__name__, 2
+    if isinstance(err, MemoryError):
+        return f"out of host memory: MemoryError ({DEBUG_HINT})", 1
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else 'no message'} ({DEBUG_HINT})", 1

@@ -241,3 +241,59 @@ def test_model_file_checks_read_headers_only(models, tmp_path):
     pth.write_bytes(pth.read_bytes()[:2000])
     with pytest.raises(UserError, match="truncated or damaged zip"):
         check_model_file("vae", pth)
+
+
+# ---------------------------------------------------------------- one-line errors (issue #11)
+
+def _fail_info_with(monkeypatch, exc):
+    from liveavatar_pack.cli import commands
+
+    def run(self, args):
+        raise exc
+
+    monkeypatch.setattr(commands.Info, "run", run)
+
+
+def test_worker_error_is_one_line_with_its_reason(monkeypatch, capsys):
+    from liveavatar_pack import cli
+    from liveavatar_pack.distributed.launcher import WorkerError
+
+    tail = 'Traceback (most recent call last):\n  File "worker.py", line 9, in serve\nRuntimeError: CUDA error: device-side assert'
+    _fail_info_with(monkeypatch, WorkerError("rank 1 failed while sampling", 1, tail))
+    monkeypatch.delenv("LIVEAVATAR_DEBUG", raising=False)
+    assert cli.main(["info"]) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rank 1 failed while sampling"), err
+    assert "RuntimeError: CUDA error: device-side assert" in lines[0] and "LIVEAVATAR_DEBUG=1" in lines[0]
+    assert "Traceback" not in err and "worker.py" not in err
+
+    monkeypatch.setenv("LIVEAVATAR_DEBUG", "1")  # the traceback (the worker's with it) only on request
+    with pytest.raises(WorkerError, match="worker.py"):
+        cli.main(["info"])
+
+
+@pytest.mark.parametrize("exc,status", [(RuntimeError("boom\nsecond line"), 1), (MemoryError(), 1), (KeyError("x"), 1)])
+def test_unexpected_errors_are_one_line(monkeypatch, capsys, exc, status):
+    from liveavatar_pack import cli
+
+    _fail_info_with(monkeypatch, exc)
+    monkeypatch.delenv("LIVEAVATAR_DEBUG", raising=False)
+    assert cli.main(["info"]) == status
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "LIVEAVATAR_DEBUG=1" in lines[0], lines
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs on this OS")
+def test_fifo_as_dit_is_one_line_not_a_hang(models, inputs, tmp_path):
+    import os
+
+    fifo = tmp_path / "dit.safetensors"
+    os.mkfifo(fifo)
+    vae = models / "vae" / "wan_2.1_vae_diffusers"
+    cmd = [sys.executable, "-m", "liveavatar", "generate", "--models", str(models), "--dit", str(fifo),
+           "--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--vae", str(vae),
+           "--size", "128*128", "--out", str(tmp_path / "x.mp4")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"{fifo}: expected a regular model file; found a FIFO" in result.stderr
