@@ -164,35 +164,42 @@ def open_regular(path: Path):
         raise
 
 
-# float8 bit patterns that are not finite: e4m3fn has NaN only (S.1111.111), e5m2 has Inf/NaN
-# wherever the exponent is all ones (S.11111.xx).
-_FP8_NONFINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
+# A float is NaN or Inf exactly when its exponent bits are all ones, i.e. when its bits, read as a
+# signed integer, are >= the bound below (sign bit clear), or, read as an unsigned integer, are
+# >= sign bit | bound (sign bit set). e4m3fn has no Inf and one NaN per sign (S.1111.111).
+_NONFINITE_BITS: dict[torch.dtype, tuple[torch.dtype, int]] = {
+    torch.float64: (torch.int64, 0x7FF0000000000000),
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float8_e4m3fn: (torch.int8, 0x7F),
+    torch.float8_e5m2: (torch.int8, 0x7C),
+}
+CHECK_CHUNK = 2**20  # bytes per step: the second pass over a step is served from the CPU cache
 
 
 def count_nonfinite(t: torch.Tensor) -> int:
-    """How many values of ``t`` are NaN or Inf (0 for integer tensors).
+    """How many values of ``t`` are NaN or Inf (0 for integer and bool tensors).
 
-    The common all-finite case costs one ``sum`` (NaN and Inf propagate through a sum; no
-    temporary the size of the tensor); only a non-finite sum (or a finite-value overflow, which
-    the exact count then clears) pays for the elementwise ``isfinite``. float8 is checked on its
-    bits, a chunk at a time.
+    Two integer ``max`` reductions over the raw bits, in numpy, a cache-sized step at a time:
+    exact for every dtype (float8 and bfloat16 included), no temporary, and single-threaded, so
+    it never waits on torch's thread pool (on a busy machine a per-tensor ``sum`` or
+    ``isfinite(t).all()`` cost milliseconds each just to start; see bench/bench_finite_check.py).
+    The count itself is only computed when a step holds a non-finite value.
     """
-    if t.numel() == 0:
+    spec = _NONFINITE_BITS.get(t.dtype)
+    if spec is None or t.numel() == 0:
         return 0
-    mask = _FP8_NONFINITE.get(t.dtype)
-    if mask is not None:
-        flat = t.reshape(-1).view(torch.uint8)
-        bad = 0
-        for start in range(0, flat.numel(), READ_CHUNK):
-            piece = flat[start:start + READ_CHUNK] & mask
-            if int(piece.max()) == mask:
-                bad += int((piece == mask).sum())
-        return bad
-    if not t.is_floating_point() and not t.is_complex():
-        return 0
-    if bool(torch.isfinite(t.sum())):
-        return 0
-    return int(t.numel() - torch.isfinite(t).sum())
+    ints, bound = spec
+    signed = t.detach().reshape(-1).view(ints).numpy()
+    unsigned = signed.view(f"u{signed.itemsize}")
+    sign = 1 << (8 * signed.itemsize - 1)
+    step = max(1, CHECK_CHUNK // signed.itemsize)
+    bad = 0
+    for start in range(0, signed.size, step):
+        if signed[start:start + step].max() >= bound or unsigned[start:start + step].max() >= sign | bound:
+            bad += int(((unsigned[start:start + step] & (sign - 1)) >= bound).sum())
+    return bad
 
 
 def _refuse_nonfinite(t: torch.Tensor, key: str, file: Path, dtype: torch.dtype | None = None) -> None:

@@ -234,3 +234,14 @@ def test_negative_offset_never_reads_header_bytes_as_data(tmp_path):
     with pytest.raises(ModelFileError, match="data_offsets"):
         open_checkpoint(path)
 
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
+def test_preflight_of_a_folder_with_a_fifo_pth_does_not_block(tmp_path):
+    from liveavatar_pack.cli.preflight import check_model_file
+
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    os.mkfifo(folder / "Wan2.1_VAE.pth")
+    err = _fails_within(lambda: check_model_file("vae", folder))
+    assert isinstance(err, ValueError) and "FIFO" in str(err), err
