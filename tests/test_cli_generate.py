@@ -279,9 +279,34 @@ def test_unexpected_errors_are_one_line(monkeypatch, capsys, exc, status):
 
     _fail_info_with(monkeypatch, exc)
     monkeypatch.delenv("LIVEAVATAR_DEBUG", raising=False)
-    assert cli.main(["info"]) == status
+    assert cli.run(["info"]) == status  # the process entry (python -m liveavatar, the liveavatar command)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "LIVEAVATAR_DEBUG=1" in lines[0], lines
+    with pytest.raises(type(exc)):  # in-process callers of main() still see the exception itself
+        cli.main(["info"])
+
+
+def test_python_m_liveavatar_prints_an_unexpected_error_in_one_line(tmp_path):
+    """The real entry (liveavatar/__main__.py, also the ``liveavatar`` command) with a command that hits a bug."""
+    script = (
+        "import runpy, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from liveavatar.bootstrap import load_pack\n"
+        "pack = load_pack()\n"
+        "from importlib import import_module\n"
+        "commands = import_module(pack.__name__ + '.cli.commands')\n"
+        "def boom(self, args):\n"
+        "    raise RuntimeError('CUDA error: an illegal memory access was encountered\\nmore detail')\n"
+        "commands.Info.run = boom\n"
+        "sys.argv = ['liveavatar', 'info']\n"
+        "main = import_module(pack.__name__ + '.liveavatar.__main__').main\n"
+        "sys.exit(main())\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "LIVEAVATAR_DEBUG"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "error: RuntimeError: CUDA error: an illegal memory access was encountered (set LIVEAVATAR_DEBUG=1 for the traceback)"]
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs on this OS")
