@@ -20,7 +20,7 @@ import torch
 from ..liveavatar.audio import Waveform
 from ..liveavatar.config import SamplerConfig
 from ..liveavatar.video import OutputExistsError, check_writable
-from ..model_loaders.formats import KIND_NAMES, open_checkpoint
+from ..model_loaders.formats import KIND_NAMES, open_checkpoint, open_regular
 from .commands import UserError
 
 T = TypeVar("T")
@@ -93,7 +93,7 @@ def resolve_device(name: str) -> torch.device:
 
 def _check_pth(path: Path) -> None:
     """A torch.save zip is truncated when its central directory (at the end) is missing."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO named *.pth must not block the preflight
         magic = f.read(2)
     if magic == b"PK":
         if not zipfile.is_zipfile(path):

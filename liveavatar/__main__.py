@@ -9,7 +9,7 @@ def main() -> int:
     from importlib import import_module
 
     cli = import_module(f"{pack.__name__}.cli")
-    return cli.main(sys.argv[1:])
+    return cli.run(sys.argv[1:])  # main() + one-line errors for the unexpected too
 
 
 if __name__ == "__main__":

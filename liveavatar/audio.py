@@ -24,6 +24,7 @@ on the tests' own tiny wav2vec2 (``tiny_audio_encoder(0)``, hidden 16), where it
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,50 @@ def _to_mono(array: Any, source: str) -> np.ndarray:
     return y
 
 
+_MAGIC = ((b"ID3", "MP3"), (b"\xff\xfb", "MP3"), (b"\xff\xf3", "MP3"), (b"fLaC", "FLAC"), (b"OggS", "Ogg"),
+          (b"FORM", "AIFF"), (b"\x1aE\xdf\xa3", "Matroska/WebM"))
+
+
+def _why_unreadable(path: Path, exc: BaseException) -> str:
+    """What the file holds and what the decoders said, for a one-line error.
+
+    librosa tries libsndfile, then audioread, whose ``NoBackendError`` has an empty message; the
+    useful words are libsndfile's (``error_string``, earlier in the chain) and the file's first bytes.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError as err:
+        return f"{err.strerror or err}"
+    if size == 0:
+        found = "an empty file (0 bytes)"
+    elif head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        found = f"a WAV header ({size} bytes) without decodable audio (truncated, or an encoding libsndfile cannot read)"
+    elif any(head.startswith(magic) for magic, _ in _MAGIC):
+        kind = next(name for magic, name in _MAGIC if head.startswith(magic))
+        found = f"{kind} data ({size} bytes) that no installed decoder could read (install ffmpeg for audioread)"
+    else:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
+            found = f"text, not audio ({size} bytes, starting {text[:40].strip()!r})"
+        else:
+            found = f"{size} bytes in no audio format libsndfile recognises (starting {head[:8].hex(' ')})"
+    details = []
+    seen = set()
+    err: BaseException | None = exc
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        said = str(getattr(err, "error_string", "") or "").strip() or str(err).strip().rstrip(":").strip()
+        if said and not said.endswith(f"'{path}'") and said not in details:
+            details.append(said)
+        err = err.__cause__ or err.__context__
+    return f"found {found}" + (f" ({'; '.join(details)[:200]})" if details else "")
+
+
 def load_audio(audio: Any, sample_rate: int | None = None, config: AudioConfig = DEFAULT_AUDIO) -> Waveform:
     """A path, a ComfyUI AUDIO dict, or an array plus its ``sample_rate`` -> mono waveform at 16 kHz."""
     import librosa
@@ -93,12 +138,16 @@ def load_audio(audio: Any, sample_rate: int | None = None, config: AudioConfig =
     target = config.sample_rate
     if isinstance(audio, (str, Path)):
         source = str(audio)
-        if not Path(audio).is_file():
+        if not Path(audio).exists():
             raise ValueError(f"audio file {source} does not exist")
+        if not Path(audio).is_file():  # a FIFO or device would block or never end
+            raise ValueError(f"audio file {source}: expected a regular file; found a directory, FIFO or device")
         try:
-            y, _ = librosa.load(source, sr=target, mono=True, res_type=config.resample_type)
+            with warnings.catch_warnings():  # librosa warns before its audioread fallback; the error says it all
+                warnings.simplefilter("ignore")
+                y, _ = librosa.load(source, sr=target, mono=True, res_type=config.resample_type)
         except Exception as exc:  # noqa: BLE001 - any decoder failure becomes one clear message
-            raise ValueError(f"cannot read audio file {source}: {exc}") from exc
+            raise ValueError(f"cannot read audio file {source}: {_why_unreadable(Path(source), exc)}") from exc
     else:
         if isinstance(audio, dict):
             source = "AUDIO input"

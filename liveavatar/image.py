@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 SIZE_DIVISOR = 64  # both output sides are multiples of this (VAE stride 8 x patch 2 x upstream's choice)
+# Largest reference image file read, in pixels: 120 MP takes a 108 MP phone photo (12032x9024) and
+# costs ~360 MB decoded as RGB; a "decompression bomb" (a tiny PNG declaring 20000x20000) is refused
+# from its header in one line. Documented in the README ("Reference image").
+MAX_IMAGE_PIXELS = 120_000_000
 
 
 def parse_size(size: str | int) -> int:
@@ -79,14 +84,32 @@ def target_size(height: int, width: int, max_area: int, divisor: int = SIZE_DIVI
     return th, tw
 
 
+def _too_large(path: Path, pixels: int, width: int | None = None, height: int | None = None) -> ValueError:
+    size = f"{width}x{height} ({pixels / 1e6:.0f} megapixels)" if width else f"{pixels / 1e6:.0f} megapixels"
+    return ValueError(
+        f"{path}: reference image is {size}; expected at most {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels "
+        "(a larger image would take gigabytes to decode, and is scaled down to --size anyway): downscale it first"
+    )
+
+
 def _open(source: str | Path) -> Image.Image:
     path = Path(source)
     if not path.is_file():
         raise ValueError(f"reference image {path} does not exist")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return ImageOps.exif_transpose(img)
+        with warnings.catch_warnings():
+            # Our own limit below replaces PIL's DecompressionBombWarning (a warning, then an error, at
+            # PIL's process-wide MAX_IMAGE_PIXELS, which ComfyUI may change and we must not).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size  # from the header: nothing decoded yet
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise _too_large(path, width * height, width, height)
+                img.load()
+                return ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError as exc:  # refused by PIL at open(), before the size is known here
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(path, int(found.group(1)) if found else MAX_IMAGE_PIXELS + 1) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"{path} is not a readable image: {exc}") from exc
 
@@ -150,4 +173,4 @@ def load_reference_image(image: Any, max_area: int | str) -> torch.Tensor:
     return pixels.permute(2, 0, 1).to(torch.float32).div(255) * 2 - 1
 
 
-__all__ = ["SIZE_DIVISOR", "load_reference_image", "parse_size", "resize_center_crop", "target_size", "to_pil"]
+__all__ = ["MAX_IMAGE_PIXELS", "SIZE_DIVISOR", "load_reference_image", "parse_size", "resize_center_crop", "target_size", "to_pil"]

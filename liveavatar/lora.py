@@ -18,6 +18,8 @@ does not fit is refused (upstream's ``load_state_dict`` raises on it too).
 """
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
@@ -122,6 +124,23 @@ def replacement_targets(
     return out
 
 
+def _finite_alpha(value: float, what: str) -> float:
+    """A NaN/Inf alpha would scale every delta to NaN: refused, saying so (not as "different alphas")."""
+    if not math.isfinite(value):
+        raise LoraError(f"{what} is {value}; expected a finite number (a damaged LoRA file)")
+    return value
+
+
+def check_finite_pair(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """lora_A/lora_B of one module must be finite: one NaN spreads over the whole merged weight."""
+    for which, t in (("lora_A", a), ("lora_B", b)):
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t.sum())):
+            bad = int(t.numel() - torch.isfinite(t).sum())
+            if bad:
+                raise LoraError(f"LoRA {which} of module {name!r} holds {bad} NaN/Inf value(s) of {t.numel()}; "
+                                "expected finite weights (a damaged LoRA file)")
+
+
 def parse_lora_state_dict(state: dict[str, torch.Tensor]) -> dict[str, LoraPair]:
     """Group PEFT keys (with or without ``base_model.model.`` and the adapter name) by module."""
     a_mats: dict[str, torch.Tensor] = {}
@@ -134,7 +153,7 @@ def parse_lora_state_dict(state: dict[str, torch.Tensor]) -> dict[str, LoraPair]
             continue
         m = _ALPHA_KEY.match(key)
         if m and tensor.numel() == 1:
-            alphas[m["module"]] = float(tensor)
+            alphas[m["module"]] = _finite_alpha(float(tensor), f"alpha of LoRA module {m['module']!r} (key {key!r})")
             continue
         raise LoraError(f"LoRA key {key!r} is not a PEFT lora_A/lora_B weight")
     if not a_mats:
@@ -157,7 +176,7 @@ def resolve_alpha(pairs: dict[str, LoraPair], config_alpha: float | None) -> tup
     if alphas:
         return rank, alphas.pop()
     if config_alpha is not None:
-        return rank, float(config_alpha)
+        return rank, _finite_alpha(float(config_alpha), "the LoRA alpha given (argument or adapter config)")
     if rank == LIVEAVATAR_RANK:
         return rank, LIVEAVATAR_ALPHA
     raise LoraError(
@@ -212,6 +231,8 @@ def merge_lora(
         name for name, module in modules.items()
         if isinstance(module, nn.Linear) and name not in pairs and any(name == t or name.endswith("." + t) for t in targets)
     ]
+    for name, _, pair in plan:  # all checked before any weight changes
+        check_finite_pair(name, pair.a, pair.b)
     for name, module, pair in plan:
         w = module.weight
         delta = (pair.b.to(w.device, torch.float32) @ pair.a.to(w.device, torch.float32)) * scaling

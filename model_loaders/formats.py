@@ -18,6 +18,13 @@ Safetensors are read with plain positioned file reads into freshly allocated ten
 memory map), so a loader that materialises one tensor at a time holds one tensor of extra host
 memory, and the page cache of the file is not charged to the process. The header is checked
 against the file size, so a truncated download is reported before anything is read.
+
+Hostile or damaged files are refused with a ``ModelFileError`` naming the file: a path that is not a
+regular file (a FIFO would block ``open()``, a device would be read forever) is refused from its
+``stat`` before it is opened; every tensor's ``data_offsets`` must lie inside the file's data and
+not overlap another's; a sharded index may only name shards inside its own folder (after
+resolving ``..`` and symlinks); and every floating tensor is checked for NaN/Inf as it is read,
+since a model with non-finite weights otherwise runs to the end and writes a black video.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
 import sys
 from collections import Counter
@@ -111,10 +119,102 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+_FILE_TYPES = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"),
+)
+
+
+def _file_type(mode: int) -> str:
+    return next((name for test, name in _FILE_TYPES if test(mode)), "not a regular file")
+
+
+def check_regular(path: Path) -> int:
+    """Size of ``path`` when it is a regular file (symlinks followed); else ModelFileError.
+
+    Checked from ``stat`` before any ``open()``: opening a FIFO for reading blocks until a writer
+    comes, and a device has no end to read to.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model file {path} does not exist") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ModelFileError(f"{path}: expected a regular model file; found {_file_type(st.st_mode)}")
+    return st.st_size
+
+
+def open_regular(path: Path):
+    """``open(path, "rb")`` of a regular file only, never blocking on a FIFO swapped in after the check.
+
+    ``O_NONBLOCK`` makes the open of a FIFO return at once; ``fstat`` of what was really opened
+    then decides (a stat-then-open alone would leave a window to swap the file).
+    """
+    check_regular(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ModelFileError(f"{path}: expected a regular model file; found {_file_type(mode)}")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+# A float is NaN or Inf exactly when its exponent bits are all ones, i.e. when its bits, read as a
+# signed integer, are >= the bound below (sign bit clear), or, read as an unsigned integer, are
+# >= sign bit | bound (sign bit set). e4m3fn has no Inf and one NaN per sign (S.1111.111).
+_NONFINITE_BITS: dict[torch.dtype, tuple[torch.dtype, int]] = {
+    torch.float64: (torch.int64, 0x7FF0000000000000),
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float8_e4m3fn: (torch.int8, 0x7F),
+    torch.float8_e5m2: (torch.int8, 0x7C),
+}
+CHECK_CHUNK = 2**20  # bytes per step: the second pass over a step is served from the CPU cache
+
+
+def count_nonfinite(t: torch.Tensor) -> int:
+    """How many values of ``t`` are NaN or Inf (0 for integer and bool tensors).
+
+    Two integer ``max`` reductions over the raw bits, in numpy, a cache-sized step at a time:
+    exact for every dtype (float8 and bfloat16 included), no temporary, and single-threaded, so
+    it never waits on torch's thread pool (on a busy machine a per-tensor ``sum`` or
+    ``isfinite(t).all()`` cost milliseconds each just to start; see bench/bench_finite_check.py).
+    The count itself is only computed when a step holds a non-finite value.
+    """
+    spec = _NONFINITE_BITS.get(t.dtype)
+    if spec is None or t.numel() == 0:
+        return 0
+    ints, bound = spec
+    signed = t.detach().reshape(-1).view(ints).numpy()
+    unsigned = signed.view(f"u{signed.itemsize}")
+    sign = 1 << (8 * signed.itemsize - 1)
+    step = max(1, CHECK_CHUNK // signed.itemsize)
+    bad = 0
+    for start in range(0, signed.size, step):
+        if signed[start:start + step].max() >= bound or unsigned[start:start + step].max() >= sign | bound:
+            bad += int(((unsigned[start:start + step] & (sign - 1)) >= bound).sum())
+    return bad
+
+
+def _refuse_nonfinite(t: torch.Tensor, key: str, file: Path, dtype: torch.dtype | None = None) -> None:
+    bad = count_nonfinite(t)
+    if bad:
+        raise ModelFileError(
+            f"{file}: tensor {key!r} ({_short(dtype or t.dtype)}{list(t.shape)}) holds {bad} NaN/Inf value(s) of "
+            f"{t.numel()}; expected finite weights (a damaged or badly converted file: download or convert it again)"
+        )
+
+
 def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     """Parse and validate a safetensors header; a truncated or foreign file -> ModelFileError."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    size = check_regular(path)
+    with open_regular(path) as f:
         head = f.read(8)
         if len(head) < 8:
             raise ModelFileError(f"{path}: expected a safetensors file; found only {size} bytes (empty or truncated)")
@@ -134,7 +234,8 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     metadata = header.pop("__metadata__", None) or {}
     base = 8 + n
     infos: dict[str, TensorInfo] = {}
-    end = 0
+    data_size = size - base
+    spans: list[tuple[int, int, str]] = []
     for key, entry in header.items():
         try:
             dtype = _ST_DTYPES[entry["dtype"]]
@@ -142,16 +243,30 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
             begin, stop = (int(v) for v in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise ModelFileError(f"{path}: tensor {key!r} has an unsupported or malformed header entry {entry!r}") from None
+        if any(s < 0 for s in shape):
+            raise ModelFileError(f"{path}: tensor {key!r} has a negative dimension in its shape {list(shape)}")
         nbytes = math.prod(shape) * dtype.itemsize
+        if begin < 0 or stop < begin:
+            # a negative begin would read the header's own bytes as tensor data
+            raise ModelFileError(f"{path}: tensor {key!r} has data_offsets [{begin}, {stop}]; expected 0 <= begin <= end")
         if stop - begin != nbytes:
             raise ModelFileError(f"{path}: tensor {key!r} {entry['dtype']}{list(shape)} needs {nbytes} bytes; the header gives {stop - begin}")
         infos[key] = TensorInfo(dtype, shape, path, base + begin, nbytes)
-        end = max(end, stop)
-    if base + end > size:
+        if nbytes:
+            spans.append((begin, stop, key))
+    spans.sort()
+    end = max((stop for _, stop, _ in spans), default=0)
+    if end > data_size:
         raise ModelFileError(
             f"{path}: truncated safetensors file: its header describes {base + end} bytes, the file has {size} "
-            f"({(base + end - size) / 2**20:.1f} MiB missing); download it again"
+            f"({(end - data_size) / 2**20:.1f} MiB missing); download it again"
         )
+    for (_, prev_stop, prev_key), (begin, _, key) in zip(spans, spans[1:]):
+        if begin < prev_stop:
+            raise ModelFileError(
+                f"{path}: tensors {prev_key!r} and {key!r} overlap in the file (data_offsets {begin} < {prev_stop}); "
+                "expected each tensor's bytes to be its own (a damaged or forged header)"
+            )
     return infos, metadata
 
 
@@ -267,16 +382,27 @@ class Checkpoint:
             if not src.is_contiguous():
                 src = src.contiguous()
             _copy_chunks(out.view(-1).view(torch.uint8), src.view(-1).view(torch.uint8), self._mapped)
-            return out
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = open(info.file, "rb")
-        if info.nbytes:
-            handle.seek(info.offset)
-            got = handle.readinto(out.view(-1).view(torch.uint8).numpy())
-            if got != info.nbytes:
-                raise ModelFileError(f"{info.file}: tensor {key!r} is cut short ({got} of {info.nbytes} bytes); the file is truncated")
+        else:
+            handle = self._handle(info.file)
+            if info.nbytes:
+                handle.seek(info.offset)
+                got = handle.readinto(out.view(-1).view(torch.uint8).numpy())
+                if got != info.nbytes:
+                    raise ModelFileError(f"{info.file}: tensor {key!r} is cut short ({got} of {info.nbytes} bytes); the file is truncated")
+        self._check_finite(key, out if out.dtype == info.dtype else out.view(-1).view(torch.uint8).view(info.dtype).view(info.shape))
         return out
+
+    def _handle(self, file: Path):
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._handles[file] = open_regular(file)
+        return handle
+
+    def _check_finite(self, key: str, values: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """Refuse NaN/Inf in a floating tensor as it is read (fp8 kept in a uint8 container too)."""
+        if values.dtype == torch.uint8 and key.endswith(".weight") and self.fp8_storage(key):
+            values = values.view(torch.float8_e4m3fn)
+        _refuse_nonfinite(values, key, self.infos[key].file, dtype)
 
     def read_as(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor ``key`` converted to ``dtype`` while it is read, a chunk at a time.
@@ -295,10 +421,9 @@ class Checkpoint:
         if self._pth is not None:
             src = self._pth[key]
             _copy_chunks(dst, src.reshape(-1) if src.is_contiguous() else src.contiguous().view(-1), self._mapped)
+            self._check_finite(key, out)  # after conversion: a value this dtype cannot hold counts too
             return out
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = open(info.file, "rb")
+        handle = self._handle(info.file)
         if self._buffer is None:  # one buffer per checkpoint: no allocator churn between tensors
             self._buffer = torch.empty(READ_CHUNK, dtype=torch.uint8)
         handle.seek(info.offset)
@@ -308,7 +433,10 @@ class Checkpoint:
             got = handle.readinto(chunk.numpy())
             if got != count * item:
                 raise ModelFileError(f"{info.file}: tensor {key!r} is cut short; the file is truncated")
-            dst[start:start + count].copy_(chunk.view(info.dtype))
+            values = chunk.view(info.dtype)
+            if count_nonfinite(values):  # checked in the file's dtype, while the chunk is in cache
+                _refuse_nonfinite(self.read(key), key, info.file)
+            dst[start:start + count].copy_(values)
         return out
 
     def read_order(self, keys: Iterable[str]) -> list[str]:
@@ -438,19 +566,56 @@ def _open_pth(path: Path) -> Checkpoint:
     return ckpt
 
 
+def _shard_roots(directory: Path) -> list[Path]:
+    """Folders a shard may resolve into: the index's own, and in a Hugging Face hub cache
+    (``models--x--y/snapshots/<rev>/``, whose files are symlinks to ``../../blobs/<hash>``) that
+    repository's ``blobs`` folder, so a model used straight from the hub cache still loads."""
+    roots = [directory.resolve()]
+    if directory.parent.name == "snapshots" and (directory.parent.parent / "blobs").is_dir():
+        roots.append((directory.parent.parent / "blobs").resolve())
+    return roots
+
+
+def _shard_path(index: Path, shard) -> Path:
+    """The file an index entry names, refused unless it stays inside the index's folder.
+
+    The name must be relative without ``..`` going up, and the path, resolved (symlinks
+    followed), must stay inside the folder (or the hub cache's ``blobs``): an index is data from a
+    download and must not make the loader read ``/etc/passwd`` or a model elsewhere.
+    """
+    if not isinstance(shard, str) or not shard or "\x00" in shard:
+        raise ModelFileError(f"{index}: expected shard file names in the weight_map; found {shard!r}")
+    directory = index.parent
+    candidate = directory / shard
+    lexical = os.path.normpath(shard)
+    resolved = candidate.resolve()
+    if (Path(shard).is_absolute() or lexical == ".." or lexical.startswith(".." + os.sep)
+            or not any(resolved.is_relative_to(root) for root in _shard_roots(directory))):
+        raise ModelFileError(
+            f"{index}: shard {shard!r} points outside the index's folder {directory.resolve()} (to {resolved}); "
+            "expected shard files beside the index"
+        )
+    return candidate
+
+
 def _open_sharded(index: Path) -> Checkpoint:
     directory = index.parent
     try:
+        check_regular(index)
         raw = json.loads(index.read_text())
         weight_map = raw["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError(f"weight_map is a {type(weight_map).__name__}")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelFileError(f"{index}: expected a safetensors index with a 'weight_map'; found unreadable content ({exc})") from None
+    for shard in weight_map.values():
+        _shard_path(index, shard)  # every entry checked before any shard is opened
     shards = sorted(set(weight_map.values()))
     infos: dict[str, TensorInfo] = {}
     metadata: dict = {}
     for shard in shards:
-        shard_path = directory / shard
-        if not shard_path.is_file():
+        shard_path = _shard_path(index, shard)
+        if not shard_path.exists():
             raise ModelFileError(f"{index}: expected shard {shard} (listed in the index) in {directory}; found no such file")
         shard_infos, shard_meta = _read_safetensors_header(shard_path)
         metadata.update(shard_meta)
@@ -495,9 +660,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         if config_path.is_file():
             ckpt.config = json.loads(config_path.read_text())
         return ckpt
-    if not path.exists():
-        raise FileNotFoundError(f"model file {path} does not exist")
-    with open(path, "rb") as f:
+    check_regular(path)  # before open(): a FIFO would block it
+    with open_regular(path) as f:
         magic = f.read(9)
     # safetensors: an 8-byte header length, then the JSON header's "{" (checked first: the length's
     # low byte may be 0x80, a pickle's first byte); zip (torch.save) and legacy pickles never have it

@@ -283,3 +283,23 @@ def test_planner_audio_bytes_equal_what_the_loader_allocates(tiny_w2v_state, tmp
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         loaded = load_audio_encoder(tmp_path / "w2v_fp16.safetensors", dtype=dtype, num_heads=2)
         assert sizes.with_precision(audio=precision).audio_total == _module_bytes(loaded), precision
+
+
+# ---------------------------------------------------------------- unreadable files say what they hold (issue #11)
+
+@pytest.mark.parametrize("content,found", [
+    (b"hello, this is not a recording\n", "found text, not audio"),
+    (b"RIFF\x24\x00\x00\x00WAVEfmt ", "found a WAV header (16 bytes) without decodable audio"),
+    (bytes(range(7, 107)), "found 100 bytes in no audio format"),
+    (b"", "found an empty file (0 bytes)"),
+])
+def test_unreadable_audio_file_says_what_was_found(tmp_path, content, found):
+    from liveavatar_pack.liveavatar.audio import load_audio
+
+    path = tmp_path / "voice.wav"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        load_audio(path)
+    text = str(err.value)
+    assert text.startswith(f"cannot read audio file {path}: ") and found in text, text
+    assert not text.rstrip().endswith(":") and "\n" not in text

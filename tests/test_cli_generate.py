@@ -254,3 +254,84 @@ def test_model_file_checks_read_headers_only(models, tmp_path):
     pth.write_bytes(pth.read_bytes()[:2000])
     with pytest.raises(UserError, match="truncated or damaged zip"):
         check_model_file("vae", pth)
+
+
+# ---------------------------------------------------------------- one-line errors (issue #11)
+
+def _fail_info_with(monkeypatch, exc):
+    from liveavatar_pack.cli import commands
+
+    def run(self, args):
+        raise exc
+
+    monkeypatch.setattr(commands.Info, "run", run)
+
+
+def test_worker_error_is_one_line_with_its_reason(monkeypatch, capsys):
+    from liveavatar_pack import cli
+    from liveavatar_pack.distributed.launcher import WorkerError
+
+    tail = 'Traceback (most recent call last):\n  File "worker.py", line 9, in serve\nRuntimeError: CUDA error: device-side assert'
+    _fail_info_with(monkeypatch, WorkerError("rank 1 failed while sampling", 1, tail))
+    monkeypatch.delenv("LIVEAVATAR_DEBUG", raising=False)
+    assert cli.main(["info"]) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rank 1 failed while sampling"), err
+    assert "RuntimeError: CUDA error: device-side assert" in lines[0] and "LIVEAVATAR_DEBUG=1" in lines[0]
+    assert "Traceback" not in err and "worker.py" not in err
+
+    monkeypatch.setenv("LIVEAVATAR_DEBUG", "1")  # the traceback (the worker's with it) only on request
+    with pytest.raises(WorkerError, match="worker.py"):
+        cli.main(["info"])
+
+
+@pytest.mark.parametrize("exc,status", [(RuntimeError("boom\nsecond line"), 1), (MemoryError(), 1), (KeyError("x"), 1)])
+def test_unexpected_errors_are_one_line(monkeypatch, capsys, exc, status):
+    from liveavatar_pack import cli
+
+    _fail_info_with(monkeypatch, exc)
+    monkeypatch.delenv("LIVEAVATAR_DEBUG", raising=False)
+    assert cli.run(["info"]) == status  # the process entry (python -m liveavatar, the liveavatar command)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "LIVEAVATAR_DEBUG=1" in lines[0], lines
+    with pytest.raises(type(exc)):  # in-process callers of main() still see the exception itself
+        cli.main(["info"])
+
+
+def test_python_m_liveavatar_prints_an_unexpected_error_in_one_line(tmp_path):
+    """The real entry (liveavatar/__main__.py, also the ``liveavatar`` command) with a command that hits a bug."""
+    script = (
+        "import runpy, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from liveavatar.bootstrap import load_pack\n"
+        "pack = load_pack()\n"
+        "from importlib import import_module\n"
+        "commands = import_module(pack.__name__ + '.cli.commands')\n"
+        "def boom(self, args):\n"
+        "    raise RuntimeError('CUDA error: an illegal memory access was encountered\\nmore detail')\n"
+        "commands.Info.run = boom\n"
+        "sys.argv = ['liveavatar', 'info']\n"
+        "main = import_module(pack.__name__ + '.liveavatar.__main__').main\n"
+        "sys.exit(main())\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "LIVEAVATAR_DEBUG"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "error: RuntimeError: CUDA error: an illegal memory access was encountered (set LIVEAVATAR_DEBUG=1 for the traceback)"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs on this OS")
+def test_fifo_as_dit_is_one_line_not_a_hang(models, inputs, tmp_path):
+    import os
+
+    fifo = tmp_path / "dit.safetensors"
+    os.mkfifo(fifo)
+    vae = models / "vae" / "wan_2.1_vae_diffusers"
+    cmd = [sys.executable, "-m", "liveavatar", "generate", "--models", str(models), "--dit", str(fifo),
+           "--image", str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--vae", str(vae),
+           "--size", "128*128", "--out", str(tmp_path / "x.mp4")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"{fifo}: expected a regular model file; found a FIFO" in result.stderr

@@ -110,3 +110,35 @@ def test_non_image_and_bad_size_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="W\\*H"):
         parse_size("big")
     assert parse_size("704*384") == 704 * 384 == parse_size("704x384")
+
+
+# ---------------------------------------------------------------- oversized images (issue #11)
+
+def _png_header_only(path, width: int, height: int) -> None:
+    """A PNG that declares ``width x height`` (its IHDR) with a tiny empty IDAT: a decompression bomb's header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [20000, 11000])  # beyond PIL's own error limit; between ours and PIL's
+def test_huge_image_is_refused_in_one_line_with_the_limit(tmp_path, side):
+    import warnings
+
+    from liveavatar_pack.liveavatar import image as image_module
+
+    path = tmp_path / "bomb.png"
+    _png_header_only(path, side, side)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning either
+        with pytest.raises(ValueError) as err:
+            load_reference_image(path, "256*256")
+    text = str(err.value)
+    assert type(err.value) is ValueError and "\n" not in text, text
+    assert f"{side}x{side}" in text or f"{side * side / 1e6:.0f} megapixels" in text, text
+    assert f"at most {image_module.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels" in text and str(path) in text

@@ -140,3 +140,53 @@ def test_full_tensor_that_names_nothing_upstream_would_load_is_refused(prefix, k
         merge_lora(model, state, config_alpha=4.0)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---------------------------------------------------------------- non-finite LoRAs (issue #11)
+
+def test_nan_alpha_keys_are_refused_as_non_finite_not_as_different_alphas():
+    model = tiny_transformer(0)
+    names = ["blocks.0.ffn.0", "blocks.0.ffn.2"]
+    state = lora_for(model, names)
+    for name in names:
+        state[f"base_model.model.{name}.alpha"] = torch.tensor(float("nan"))
+    before = model.blocks[0].ffn[0].weight.detach().clone()
+    with pytest.raises(LoraError) as err:
+        merge_lora(model, state)
+    text = str(err.value)
+    assert "different alphas" not in text and "nan" in text and "finite" in text and "blocks.0.ffn." in text, text
+    assert torch.equal(model.blocks[0].ffn[0].weight, before)
+
+
+def test_infinite_config_alpha_is_refused():
+    model = tiny_transformer(0)
+    with pytest.raises(LoraError, match="expected a finite number"):
+        merge_lora(model, lora_for(model, ["blocks.0.ffn.0"]), config_alpha=float("inf"))
+
+
+def test_nan_lora_matrix_is_refused_before_any_weight_changes():
+    model = tiny_transformer(0)
+    names = ["blocks.0.ffn.0", "blocks.1.ffn.0"]
+    state = lora_for(model, names)
+    state["base_model.model.blocks.1.ffn.0.lora_B.default.weight"][2, 1] = float("nan")
+    before = model.blocks[0].ffn[0].weight.detach().clone()
+    with pytest.raises(LoraError, match=r"lora_B of module 'blocks.1.ffn.0' holds 1 NaN/Inf"):
+        merge_lora(model, state, config_alpha=4.0)
+    assert torch.equal(model.blocks[0].ffn[0].weight, before)
+
+
+def test_nan_lora_file_names_the_file_and_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    from liveavatar_pack.model_loaders.formats import ModelFileError
+    from liveavatar_pack.model_loaders.lora_file import read_lora
+
+    model = tiny_transformer(0)
+    state = lora_for(model, ["blocks.0.ffn.0", "blocks.0.ffn.2"])
+    state.update({f"base_model.model.{n}.alpha": torch.tensor(float("nan")) for n in ["blocks.0.ffn.0", "blocks.0.ffn.2"]})
+    path = tmp_path / "nan_lora.safetensors"
+    save_file(state, path)
+    with pytest.raises(ModelFileError) as err:
+        read_lora(path)
+    text = str(err.value)
+    assert str(path) in text and ".alpha" in text and "NaN/Inf" in text and "different alphas" not in text, text
