@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 
 from ..liveavatar.vae import WanVAE
-from .formats import Checkpoint, ModelFileError, open_checkpoint
+from .formats import Checkpoint, ModelFileError, check_regular, open_checkpoint
 
 __all__ = ["load_wan_vae", "open_vae_file", "infer_wan_vae_config", "build_wan_vae", "wan_vae_key_names",
            "to_wan_state_dict"]
@@ -271,8 +271,9 @@ def _load_diffusers_dir(path: Path, device, dtype) -> WanVAE:
     if not cfg_file.is_file() and (path / "vae" / "config.json").is_file():
         path, cfg_file = path / "vae", path / "vae" / "config.json"
     try:
+        check_regular(cfg_file)  # a FIFO would block the read
         raw = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # JSONDecodeError and ModelFileError are ValueErrors
         raise ValueError(f"VAE directory {path}: expected a diffusers AutoencoderKLWan config.json ({err})") from err
     if raw.get("_class_name") != "AutoencoderKLWan":
         raise ValueError(

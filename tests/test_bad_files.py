@@ -245,3 +245,26 @@ def test_preflight_of_a_folder_with_a_fifo_pth_does_not_block(tmp_path):
     os.mkfifo(folder / "Wan2.1_VAE.pth")
     err = _fails_within(lambda: check_model_file("vae", folder))
     assert isinstance(err, ValueError) and "FIFO" in str(err), err
+
+
+def test_a_fifo_as_a_diffusers_vae_config_is_refused_not_waited_on(tmp_path):
+    """A FIFO named config.json in a diffusers VAE folder: refused from stat, the read never blocks."""
+    from liveavatar_pack.model_loaders.vae import load_wan_vae
+
+    folder = tmp_path / "vae_dir"
+    folder.mkdir()
+    os.mkfifo(folder / "config.json")
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    result = {}
+
+    def load():
+        try:
+            load_wan_vae(folder)
+        except Exception as err:  # noqa: BLE001 - the test inspects it
+            result["error"] = err
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(60)  # a hang guard, not a timing assertion
+    assert not worker.is_alive(), "loading blocked on the FIFO"
+    assert "config.json" in str(result.get("error")) and "regular" in str(result.get("error"))
