@@ -48,14 +48,9 @@ from diffusers import AutoencoderKLWan  # noqa: F401
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers  # noqa: F401
 kind, path, precision = sys.argv[2], sys.argv[3], sys.argv[4]
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
-def hwm():  # this process's peak RSS (VmHWM: per address space, unlike ru_maxrss which survives exec)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-try:
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
-except OSError:
-    pass
+sys.path.insert(0, sys.argv[1] + "/bench")
+from peak_rss import peak_rss, reset_peak
+reset_peak()
 base = psutil.Process().memory_info().rss
 t0 = time.perf_counter()
 if precision == "naive":  # the previous loaders: whole file, then a converted copy, then the model
@@ -75,7 +70,7 @@ else:
     model = load_wan_vae(path, dtype=DT[precision]).model
 seconds = time.perf_counter() - t0
 size = sum({id(t): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}.values())
-peak = hwm()
+peak = peak_rss()
 print(json.dumps({"seconds": seconds, "extra": peak - base, "size": size}))
 """
 

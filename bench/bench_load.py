@@ -36,14 +36,9 @@ from liveavatar_pack.model_loaders.dit import load_dit, empty_model
 from liveavatar_pack.liveavatar.config import DiTConfig
 path, precision, lora, cfg_json = sys.argv[2], sys.argv[3], sys.argv[4] or None, sys.argv[5]
 cfg = DiTConfig.from_json(cfg_json)
-def hwm():  # this process's peak RSS (VmHWM: per address space, unlike ru_maxrss which survives exec)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-try:
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
-except OSError:
-    pass
+sys.path.insert(0, sys.argv[1] + "/bench")
+from peak_rss import peak_rss, reset_peak
+reset_peak()
 base = psutil.Process().memory_info().rss
 t0 = time.perf_counter()
 if precision == "naive":
@@ -60,7 +55,7 @@ else:
     model, _ = load_dit(path, lora=lora, precision=precision, config=cfg)
 seconds = time.perf_counter() - t0
 size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-peak = hwm()
+peak = peak_rss()
 print(json.dumps({"seconds": seconds, "extra": peak - base, "size": size}))
 """
 

@@ -531,18 +531,12 @@ RSS_SCRIPT = textwrap.dedent(
     from liveavatar_pack.model_loaders.dit import load_dit
     torch.set_num_threads(1)
 
-    def hwm():  # peak RSS of this address space (VmHWM; ru_maxrss would carry the parent's over exec)
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-
-    try:
-        open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
-    except OSError:
-        pass
+    sys.path.insert(0, sys.argv[1] + "/bench")
+    from peak_rss import peak_rss, reset_peak
+    reset_peak()
     base = psutil.Process().memory_info().rss
     model, report = load_dit(sys.argv[2], precision=sys.argv[3])
-    print(json.dumps({"base": base, "peak": hwm(), "model_bytes": report.model_bytes}))
+    print(json.dumps({"base": base, "peak": peak_rss(), "model_bytes": report.model_bytes}))
     """
 )
 
