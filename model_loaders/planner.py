@@ -915,7 +915,7 @@ def verdict(plan: MemoryPlan, gpus: list[float] | str, host_ram_gib: float | Non
         hints.append("more host RAM (--host-ram GIB if more is free than the system reports)")
     if pd["kv_cache_dtype"] is None:
         hints.append("fp8 KV caches (kv_cache_dtype float8_e4m3fn; changes results slightly)")
-    hints.append("more GPUs (--mode sp splits heads and weights; --mode tpp splits steps)")
+    hints.append("more GPUs (--mode sp splits heads and weights; --mode tpp splits steps; plan --gpus NxGIB ranks every layout)")
     return Verdict(False, "does not fit: " + "; ".join(problems) + ". Try: " + "; ".join(dict.fromkeys(hints)),
                    headroom, host_headroom)
 
@@ -1040,6 +1040,149 @@ def _explain(chosen: _Tried | None, best: _Tried, tried: list[_Tried], allow_fp8
     return lines
 
 
+# ---------------------------------------------------------------------------- the fastest layout
+def enumerate_layouts(num_gpus: int, steps: int, num_heads: int) -> list[Layout]:
+    """Every layout the runtime offers on at most ``num_gpus`` GPUs: one process; tpp with 1..steps
+    step groups; Ulysses sp groups of any size that divides the heads, alone or as tpp step groups,
+    weights sharded or replicated; each tpp layout with or without a decode rank."""
+    out = []
+    for sp in range(1, num_gpus + 1):
+        if num_heads % sp:
+            continue
+        for groups in range(1, steps + 1):
+            for decode in (False, True):
+                if decode and groups == 1 and sp > 1:
+                    continue  # plain sp has no decode rank
+                if groups * sp + decode > num_gpus:
+                    continue
+                for sharded in ((False, True) if sp > 1 else (False,)):
+                    out.append(Layout(groups, sp, sharded, decode))
+    return out
+
+
+@dataclass
+class LayoutOption:
+    """One layout with its fastest placement that fits (``placement`` None: none fits; ``plan``: the closest)."""
+
+    layout: Layout
+    placement: PlacementConfig | None
+    plan: MemoryPlan
+
+    @property
+    def fits(self) -> bool:
+        return self.placement is not None
+
+    @property
+    def lossy(self) -> bool:
+        return self.placement is not None and self.placement.kv_fp8
+
+    @property
+    def key(self) -> tuple:
+        # fastest first; on a tie exact, then fewer GPUs, then a lower peak
+        return (round(self.plan.timing.block_s, 6), self.lossy, self.layout.gpus, self.plan.peak_device)
+
+    def memory(self) -> str:
+        """Per-device totals, GiB: '21.3 x3, 21.6 (decodes)'."""
+        parts = []
+        for d in self.plan.devices:
+            tag = " (decode rank)" if d.role == "decode rank" else " (decodes)" if "decodes" in d.role else ""
+            parts.append(f"{d.total / GiB:.1f}" + (f" x{d.count}" if d.count > 1 else "") + tag)
+        return ", ".join(parts)
+
+
+@dataclass
+class LayoutChoice:
+    """Every layout on the GPUs, fastest fitting first (``ranked``), and those nothing fits (``unfit``)."""
+
+    gpus: list[float]
+    speed: SpeedModel
+    ranked: list[LayoutOption]
+    unfit: list[LayoutOption]
+    host_ram_gib: float | None
+    allow_fp8_kv: bool
+
+    @property
+    def best(self) -> LayoutOption | None:
+        return self.ranked[0] if self.ranked else None
+
+    def lines(self, top: int = 8) -> list[str]:
+        """The ranking as printed by ``plan --gpus``: the assumptions, the recommended layout first,
+        then the runners-up (``top`` in all), then how many more fit and what ruled the others out."""
+        g, sp = self.gpus, self.speed
+        same = len(set(g)) == 1
+        cards = f"{len(g)}x{g[0]:g}" if same else ",".join(f"{x:g}" for x in g)
+        host = "not limited" if self.host_ram_gib is None else f"{self.host_ram_gib:.1f} GiB"
+        out = [f"-- layouts on {cards} GiB, fastest first (GPU {min(g) * 0.95:.1f} GiB usable each; host RAM {host}; "
+               f"fp8 KV caches {'allowed' if self.allow_fp8_kv else 'forbidden (exact)'})",
+               f"   assumptions: {sp.tflops:g} TFLOP/s sustained per GPU, {sp.bandwidth_gbps:g} GB/s host->device, "
+               f"{sp.describe_link()}",
+               "   override: --tflops TFLOPS --bandwidth GBPS --link pcie|pcie-p2p|nvlink --link-gbps GBPS"]
+        if min(g) < 80 and sp.tflops >= 200:
+            out.append(f"   note: {sp.tflops:g} TFLOP/s is an H100-class rate; a 24 GB RTX 4090 sustains ~66 "
+                       "(40% of its 165 dense bf16): --tflops 66")
+        if not self.ranked:
+            out.append("   no layout fits; closest:")
+            for o in sorted(self.unfit, key=lambda o: o.plan.peak_device)[:3]:
+                out.append(f"      {o.layout.name()} ({o.layout.flags()}): peak {o.plan.peak_device / GiB:.1f} GiB per GPU")
+            return out
+        width = max(len(o.layout.name()) for o in self.ranked[:top])
+        fwidth = max(len(o.layout.flags()) for o in self.ranked[:top])
+        for i, o in enumerate(self.ranked[:top]):
+            if i < 2:
+                out.append("recommended (the fastest that fits):" if i == 0 else "runners-up:")
+            t = o.plan.timing
+            out.append(f"  {i + 1:>2}. {o.layout.name():<{width}}  {o.layout.flags():<{fwidth}}  {t.fps:5.1f} fps  "
+                       f"{t.block_s:6.3f} s/block  GiB per device: {o.memory()}; {_placement_text(o.placement)}; "
+                       f"{t.bound}")
+        if len(self.ranked) > top:
+            out.append(f"   ({len(self.ranked) - top} more layouts fit, all slower or equal)")
+        if self.unfit:
+            o = min(self.unfit, key=lambda o: o.plan.timing.block_s)
+            out.append(f"   {len(self.unfit)} layout(s) do not fit; the fastest of them, {o.layout.name()} "
+                       f"({o.plan.timing.fps:.1f} fps), needs {o.plan.peak_device / GiB:.1f} GiB per GPU"
+                       + ("" if self.host_ram_gib is None else f" and {o.plan.host_total / GiB:.1f} GiB of host RAM"))
+        return out
+
+
+def _placement_text(pc: PlacementConfig | None) -> str:
+    if pc is None:
+        return "none fits"
+    blocks = "all blocks" if pc.blocks_on_device is None else f"block swap ({pc.blocks_on_device} resident)"
+    kv = ("fp8 " if pc.kv_fp8 else "") + "KV on " + ("host" if pc.kv_cache_device == "cpu" else "GPU")
+    return f"{blocks}, {kv}"
+
+
+def choose_layout(
+    dit_cfg: DiTConfig,
+    precision: str,
+    width: int,
+    height: int,
+    sampler_cfg: SamplerConfig,
+    gpus: list[float] | str,
+    allow_fp8_kv: bool = True,
+    host_ram_gib: float | None = None,
+    speed: SpeedModel = SpeedModel(),
+    layouts: list[Layout] | None = None,
+    **plan_kwargs,
+) -> LayoutChoice:
+    """The fastest layout that fits ``gpus``, by predicted time per block (``Timing.block_s``), each
+    layout with its fastest fitting placement (``choose_placement``). ``speed``'s link, unless given,
+    follows the smallest card (``link_for``). ``layouts``: those to consider (default: all,
+    ``enumerate_layouts``)."""
+    gpus = parse_gpus(gpus) if isinstance(gpus, str) else list(gpus)
+    speed = speed.with_gpus(gpus)
+    if layouts is None:
+        layouts = enumerate_layouts(len(gpus), sampler_cfg.steps, dit_cfg.num_heads)
+    ranked, unfit = [], []
+    for layout in layouts:
+        pc, plan = choose_placement(dit_cfg, precision, width, height, sampler_cfg, gpus[:layout.gpus], layout.mode,
+                                    allow_fp8_kv=allow_fp8_kv, host_ram_gib=host_ram_gib, speed=speed, layout=layout,
+                                    **plan_kwargs)
+        (ranked if pc is not None else unfit).append(LayoutOption(layout, pc, plan))
+    ranked.sort(key=lambda o: o.key)
+    return LayoutChoice(gpus, speed, ranked, unfit, host_ram_gib, allow_fp8_kv)
+
+
 # ---------------------------------------------------------------------------- generate's pre-load check
 def dit_config_of(path) -> DiTConfig:
     """A DiT checkpoint's configuration from its header alone (config.json beside it, else its shapes)."""
@@ -1093,5 +1236,6 @@ __all__ = [
     "plan_memory", "verdict", "choose_placement", "parse_gpus", "parse_size",
     "SpeedModel", "Timing", "block_step_flops", "call_flops", "available_host_ram_gib", "STORAGE_BYTES",
     "dit_config_of", "preload_host_check",
-    "Link", "LINKS", "link_for", "WireBytes", "layout_wire_bytes", "Layout",
+    "Link", "LINKS", "link_for", "WireBytes", "layout_wire_bytes", "Layout", "LayoutOption", "LayoutChoice",
+    "enumerate_layouts", "choose_layout",
 ]

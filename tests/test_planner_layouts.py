@@ -1,5 +1,5 @@
 """The planner's layouts (tpp, Ulysses sp, tpp x sp, decode rank): per-rank memory, FLOPs, bytes
-on the wire, time per block.
+on the wire, time per block, and the choice of the fastest layout that fits (``plan --gpus``).
 
 Everything here is a prediction from the configs; the tiny-model tests tie the traffic model to the
 tensors the engine really builds (q/k/v/o of every self-attention, the block latent).
@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 
+from liveavatar_pack.cli import main as cli_main
 from liveavatar_pack.liveavatar.config import TINY, WAN_S2V_14B, SamplerConfig
 from liveavatar_pack.liveavatar.kv_cache import CacheStorage
 from liveavatar_pack.liveavatar.tiny import TINY_LATENT_HW, tiny_transformer
@@ -22,6 +23,8 @@ from liveavatar_pack.model_loaders.planner import (
     Layout,
     SpeedModel,
     block_step_flops,
+    choose_layout,
+    enumerate_layouts,
     layout_wire_bytes,
     plan_memory,
     verdict,
@@ -153,3 +156,98 @@ def test_link_follows_the_card_size_and_can_be_overridden():
         SpeedModel(link="infiniband")
     with pytest.raises(ValueError):
         SpeedModel(link_gbps=0)
+
+
+# ---------------------------------------------------------------------------- the choice
+def _brute_force_best(gpus, precision, speed):
+    """Fastest block time over every layout and every placement that fits, by direct enumeration."""
+    best = math.inf
+    for layout in enumerate_layouts(len(gpus), SCFG.steps, WAN_S2V_14B.num_heads):
+        for kv_dtype in (None, torch.float8_e4m3fn):
+            for kv_dev in ("device", "cpu"):
+                for n in [None] + list(range(1, WAN_S2V_14B.num_layers)):
+                    if layout.sharded and n is not None:
+                        continue
+                    pc = PlacementConfig(device="cuda", blocks_on_device=n, kv_cache_device=kv_dev, kv_cache_dtype=kv_dtype)
+                    plan = plan_memory(WAN_S2V_14B, precision, 704, 384, SCFG, pc, speed=speed, layout=layout)
+                    if verdict(plan, gpus[:layout.gpus]).fits:
+                        best = min(best, plan.timing.block_s)
+    return best
+
+
+@pytest.mark.parametrize("gpus,precision", [("4x24", "fp8"), ("8x24", "bf16"), ("2x48", "fp8")])
+def test_recommendation_is_the_fastest_layout_that_fits(gpus, precision):
+    g = planner.parse_gpus(gpus)
+    speed = SpeedModel(tflops=66).with_gpus(g)
+    choice = choose_layout(WAN_S2V_14B, precision, 704, 384, SCFG, g, speed=speed)
+    best = choice.best
+    assert best is not None and verdict(best.plan, g).fits
+    assert best.plan.timing.block_s == pytest.approx(_brute_force_best(g, precision, speed))
+    times = [o.plan.timing.block_s for o in choice.ranked]
+    assert times == sorted(times) and all(o.fits for o in choice.ranked)
+    assert all(not o.fits and not verdict(o.plan, g[:o.layout.gpus]).fits for o in choice.unfit)
+    assert len(choice.ranked) + len(choice.unfit) == len(enumerate_layouts(len(g), SCFG.steps, WAN_S2V_14B.num_heads))
+
+
+def test_recommendation_changes_with_the_link_bandwidth():
+    """8x80 bf16: over NVLink tpp 4 x sp 2 halves each call's compute for little traffic and wins;
+    at 5 GB/s its all-to-alls cost more than they save, and plain tpp 4 (no traffic per call) wins."""
+    fast = choose_layout(WAN_S2V_14B, "bf16", 704, 384, SCFG, "8x80")
+    assert fast.speed.gpu_link.kind == "nvlink"
+    assert (fast.best.layout.groups, fast.best.layout.sp) == (4, 2)
+    slow = choose_layout(WAN_S2V_14B, "bf16", 704, 384, SCFG, "8x80", speed=SpeedModel(link_gbps=5))
+    assert (slow.best.layout.groups, slow.best.layout.sp) == (4, 1)
+    assert slow.best.plan.timing.fps < fast.best.plan.timing.fps
+
+
+def test_layouts_cover_every_mode():
+    names = {lay.name() for lay in enumerate_layouts(8, 4, 40)}
+    for name in ("single", "tpp 4", "tpp 4 + decode rank", "sp 8 (sharded)", "sp 8 (replicated)",
+                 "tpp 4 x sp 2 (sharded)", "tpp 2 x sp 2 (replicated) + decode rank", "sp 5 (sharded)"):
+        assert name in names
+    assert "sp 3 (sharded)" not in names  # 40 heads do not split over 3
+    assert Layout(4, 2, True).flags() == "--workers 8 --mode tpp --sp 2"
+    assert Layout(1, 4, True).flags() == "--workers 4 --mode sp"
+    assert Layout(4, 1, decode_rank=True).flags() == "--workers 4 --mode tpp --decode-rank"
+    assert all(lay.gpus <= 8 for lay in enumerate_layouts(8, 4, 40))
+
+
+# ---------------------------------------------------------------------------- the CLI
+FPS = re.compile(r"\s(\d+\.\d) fps\s")
+
+
+def test_cli_plan_gpus_recommends_the_fastest_and_lists_runners_up(capsys):
+    assert cli_main(["plan", "--gpus", "4x24", "--size", "704*384", "--host-ram", "0"]) == 0
+    out = capsys.readouterr().out
+    ranking = out.split("recommended (the fastest that fits):", 1)[1].split("-- recommended layout in detail", 1)[0]
+    rows = [line for line in ranking.splitlines() if re.match(r"\s+\d+\. ", line)]
+    fps = [float(FPS.search(line).group(1)) for line in rows]
+    assert len(rows) >= 3 and fps[0] == max(fps) and fps == sorted(fps, reverse=True)
+    assert "runners-up:" in ranking and all("GiB per device:" in line for line in rows)
+    assert "assumptions: 400 TFLOP/s sustained per GPU, 25 GB/s host->device, 12 GB/s between GPUs" in out
+    assert "recommended layout: " in out and "fits: peak" in out
+    first = rows[0].strip().split(". ", 1)[1].split("  ")[0]
+    assert f"recommended layout: {first}:" in out
+    # the link override is printed and moves the numbers of layouts with traffic
+    assert cli_main(["plan", "--gpus", "4x24", "--size", "704*384", "--host-ram", "0", "--link-gbps", "100"]) == 0
+    assert "100 GB/s between GPUs (given" in capsys.readouterr().out
+
+
+def test_cli_plan_explicit_layouts(capsys):
+    assert cli_main(["plan", "--gpus", "4x24", "--precision", "fp8", "--mode", "tpp", "--sp", "2", "--host-ram", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "recommended layout: tpp 2 x sp 2" in out and "--workers 4 --mode tpp --sp 2" in out
+    assert cli_main(["plan", "--gpus", "5x24", "--precision", "fp8", "--mode", "tpp", "--sp", "2", "--decode-rank",
+                     "--host-ram", "0"]) == 0
+    assert "--workers 4 --mode tpp --sp 2 --decode-rank" in capsys.readouterr().out
+    assert cli_main(["plan", "--gpus", "4x24", "--mode", "tpp", "--sp", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--sp 3" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert cli_main(["plan", "--gpus", "4x24", "--mode", "sp", "--sp", "2"]) == 2
+    assert "goes with --mode tpp" in capsys.readouterr().err
+
+
+def test_cli_plan_gpus_when_nothing_fits(capsys):
+    assert cli_main(["plan", "--gpus", "2x8", "--precision", "bf16", "--host-ram", "0"]) == 1
+    out = capsys.readouterr().out
+    assert "no layout fits; closest:" in out and "recommended layout: none fits" in out and "does not fit" in out
