@@ -6,12 +6,13 @@ the encoder/VAE sizes), never from hard-wired 14B numbers:
 * weights: parameters counted on a meta-device model, per precision (fp8: the Linear layers
   of ``blocks``/``audio_injector`` at 1 byte + a float32 scale per tensor, the rest in bf16,
   ``keep_in_fp32`` modules in float32 - the set ``model_loaders/fp8.py`` quantizes); block
-  swap: non-block weights + N resident blocks + one prefetch buffer; sp: 1/world of the
-  weights (FSDP shards) + the gathered block and its prefetch;
+  swap: non-block weights + N resident blocks + one prefetch buffer; sp sharded: 1/N of the
+  weights (FSDP shards) + the gathered block and its prefetch (replicated: all of them);
 * KV caches: steps x layers x 2 x tokens x heads x head_dim x bytes (+ fp8 scales), one clip
   window of tokens (latent_frames_per_clip x tokens per frame); tpp: each rank only its steps;
   sp: heads split across ranks; sink store: sink tokens instead of the window;
-* activations of one ``forward_block`` (an estimate; see ``activation_terms``), text K/V of
+* activations of one ``forward_block`` (an estimate; see ``activation_terms``; Ulysses sp: a
+  rank's 1/N of the tokens + the all-to-all buffers), text K/V of
   every layer (kept for the whole run), VAE decode of one block (estimate), encoders when
   kept resident, and a fixed runtime reserve (CUDA context, cuBLAS workspace, allocator).
 
@@ -23,6 +24,11 @@ activation estimate against a measured peak.
 GPUs and the host RAM, by a predicted time per DiT call (``Timing``: copies / bandwidth against
 FLOPs / throughput, two stated assumptions in ``SpeedModel``); fp8 KV caches are the one lossy
 choice and can be forbidden. ``plan.choice`` says what limited the choice.
+
+Several GPUs: a ``Layout`` (tpp step groups x Ulysses sp ranks, weights sharded or replicated,
+optional decode rank) is planned per rank, with the traffic between GPUs (``layout_wire_bytes``)
+over an assumed link (``SpeedModel.link``, by card size) in its time per block; ``choose_layout``
+ranks every layout on the GPUs by predicted fps and recommends the fastest that fits.
 """
 from __future__ import annotations
 
