@@ -58,7 +58,9 @@ class Demo:
 
 class Plan:
     """Predict per-GPU and host memory before loading anything; pick the fastest placement that fits
-    the GPUs and the host RAM, by a predicted time per DiT call (its assumptions printed)."""
+    the GPUs and the host RAM, by a predicted time per DiT call (its assumptions printed). On several
+    GPUs without --mode: rank every layout (tpp, sp, tpp x sp, decode rank) by predicted fps and
+    recommend the fastest that fits, with the runners-up."""
 
     name = "plan"
 
@@ -68,7 +70,11 @@ class Plan:
         p.add_argument("--gpus", default="1x24", help="COUNTxGIB, e.g. 1x24, 4x24, 1x48, 1x80, 5x80 (default 1x24)")
         p.add_argument("--size", default="704*384", help="W*H (default 704*384)")
         p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp8", "fp32"])
-        p.add_argument("--mode", choices=["single", "tpp", "sp"], help="default: single on 1 GPU, tpp on several")
+        p.add_argument("--mode", choices=["single", "tpp", "sp"],
+                       help="plan this mode only (default: single on 1 GPU; on several, every layout ranked by fps)")
+        p.add_argument("--sp", type=int, metavar="N", help="with --mode tpp: step groups of N sequence-parallel ranks")
+        p.add_argument("--decode-rank", action="store_true", help="with --mode tpp: one more GPU holds only the VAE")
+        p.add_argument("--top", type=int, default=8, metavar="N", help="layouts listed on several GPUs (default 8)")
         p.add_argument("--steps", type=int, default=4)
         p.add_argument("--model", default="14B", help="preset name (14B, tiny) or a config.json path")
         p.add_argument("--blocks-on-device", type=int, help="block swap: DiT blocks kept on the GPU")
@@ -84,6 +90,10 @@ class Plan:
                        help="assumed host->GPU copy rate, GB/s, for the predicted time (default 25: PCIe 4.0 x16)")
         p.add_argument("--tflops", type=float, default=400.0, metavar="TFLOPS",
                        help="assumed sustained DiT throughput, TFLOP/s, for the predicted time (default 400)")
+        p.add_argument("--link", choices=["pcie", "pcie-p2p", "nvlink"],
+                       help="GPU-to-GPU link (default by card size: < 40 GiB pcie without P2P, < 80 pcie-p2p, else nvlink)")
+        p.add_argument("--link-gbps", type=float, metavar="GBPS",
+                       help="assumed GPU-to-GPU bandwidth for collectives, GB/s (default: the link's, printed)")
         p.set_defaults(run=self.run)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -91,11 +101,11 @@ class Plan:
 
         from ..liveavatar.config import PRESETS, DiTConfig, SamplerConfig
         from ..model_loaders.placement import PlacementConfig
-        from ..model_loaders.planner import (SpeedModel, available_host_ram_gib, choose_placement, parse_gpus,
-                                             parse_size, plan_memory, verdict)
+        from ..model_loaders.planner import (SpeedModel, available_host_ram_gib, choose_layout, choose_placement,
+                                             parse_gpus, parse_size, plan_memory, verdict)
 
         try:
-            speed = SpeedModel(args.bandwidth, args.tflops)
+            speed = SpeedModel(args.bandwidth, args.tflops, args.link, args.link_gbps)
             if args.host_ram is not None and args.host_ram < 0:
                 raise ValueError(f"--host-ram must be >= 0 GiB (0: no limit), got {args.host_ram}")
             if args.host_ram is None:
@@ -105,6 +115,7 @@ class Plan:
             if host_ram is None:
                 host_src = "not limited" + (" (psutil missing; give --host-ram)" if args.host_ram is None else "")
             gpus = parse_gpus(args.gpus)
+            speed = speed.with_gpus(gpus)
             width, height = parse_size(args.size)
             scfg = SamplerConfig(steps=args.steps)
             scfg.validate()
@@ -114,27 +125,67 @@ class Plan:
                 dit, name = DiTConfig.from_json(args.model), Path(args.model).name
             else:
                 raise ValueError(f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")
-            mode = args.mode or ("single" if len(gpus) == 1 else "tpp")
-            world = 1 if mode == "single" else len(gpus)
+            if args.top < 1:
+                raise ValueError(f"--top must be >= 1, got {args.top}")
             given = any(v is not None for v in (args.blocks_on_device, args.kv_device, args.kv_dtype)) or args.offload
+            layouts = _plan_layouts(args, len(gpus), scfg.steps, dit.num_heads)
+            choice = None
             if given or args.no_prefetch:
                 placement = PlacementConfig(
                     blocks_on_device=args.blocks_on_device, kv_cache_device=args.kv_device or "device",
                     kv_cache_dtype=args.kv_dtype, offload_model_between_uses=args.offload, prefetch=not args.no_prefetch)
-                plan = plan_memory(dit, args.precision, width, height, scfg, placement, world, mode, model_name=name,
-                                   speed=speed)
+                plan = plan_memory(dit, args.precision, width, height, scfg, placement, model_name=name, speed=speed,
+                                   layout=layouts[0])
+            elif layouts == [None]:  # one GPU, no mode: the single-process placement
+                placement, plan = choose_placement(dit, args.precision, width, height, scfg, gpus, "single",
+                                                   model_name=name, allow_fp8_kv=not args.exact, host_ram_gib=host_ram,
+                                                   speed=speed)
             else:
-                placement, plan = choose_placement(dit, args.precision, width, height, scfg, gpus, mode, model_name=name,
-                                                   allow_fp8_kv=not args.exact, host_ram_gib=host_ram, speed=speed)
+                choice = choose_layout(dit, args.precision, width, height, scfg, gpus, allow_fp8_kv=not args.exact,
+                                       host_ram_gib=host_ram, speed=speed, layouts=layouts, model_name=name)
+                best = choice.best or min(choice.unfit, key=lambda o: (o.plan.peak_device, o.plan.timing.block_s))
+                placement, plan = best.placement, best.plan
         except ValueError as err:
             raise UserError(str(err)) from err
+        if choice is not None:
+            print("\n".join(choice.lines(args.top)))
+            print(f"-- {'recommended' if choice.best else 'closest'} layout in detail: {plan.settings['layout']}")
         print(plan.table())
         print(f"host RAM limit: {f'{host_ram:.1f} GiB ({host_src})' if host_ram else host_src}")
         v = verdict(plan, gpus, host_ram)
+        if choice is not None:
+            layout = plan.settings["layout_obj"]
+            print(f"recommended layout: {layout.name() + ': ' + layout.flags() if choice.best else 'none fits'}")
         if not given:
             print(f"chosen placement: {placement.to_dict() if placement else 'none fits'}")
         print(v.message)
         return 0 if v.fits else 1
+
+
+def _plan_layouts(args: argparse.Namespace, num_gpus: int, steps: int, num_heads: int) -> list:
+    """The layouts ``plan`` considers: [None] for one GPU without --mode (the single-process path),
+    every layout on several GPUs without --mode, else those --mode/--sp/--decode-rank name."""
+    from ..model_loaders.planner import Layout, enumerate_layouts
+
+    if args.sp is not None and (args.mode != "tpp" or args.sp < 1):
+        raise ValueError(f"--sp N (N >= 1) goes with --mode tpp (step groups of N ranks); got --mode {args.mode}, "
+                         f"--sp {args.sp}")
+    if args.decode_rank and args.mode != "tpp":
+        raise ValueError("--decode-rank goes with --mode tpp")
+    if args.mode is None:
+        return [None] if num_gpus == 1 else enumerate_layouts(num_gpus, steps, num_heads)
+    if args.mode == "single":
+        return [Layout()]
+    if args.mode == "sp":
+        return [Layout(1, num_gpus, sharded=True), Layout(1, num_gpus, sharded=False)]
+    sp = args.sp or 1
+    dit = num_gpus - int(args.decode_rank)
+    if sp == 1:  # tpp: at most one step group per step; a spare GPU becomes the decode rank
+        return [Layout(min(dit, steps), 1, decode_rank=args.decode_rank or dit > steps)]
+    if dit % sp or dit // sp > steps:
+        raise ValueError(f"--mode tpp --sp {sp} on {num_gpus} GPU(s){' (one decodes)' if args.decode_rank else ''}: "
+                         f"expected {dit} DiT ranks to make 1..{steps} step groups of {sp}")
+    return [Layout(dit // sp, sp, True, args.decode_rank), Layout(dit // sp, sp, False, args.decode_rank)]
 
 
 class Generate:

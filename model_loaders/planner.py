@@ -6,12 +6,13 @@ the encoder/VAE sizes), never from hard-wired 14B numbers:
 * weights: parameters counted on a meta-device model, per precision (fp8: the Linear layers
   of ``blocks``/``audio_injector`` at 1 byte + a float32 scale per tensor, the rest in bf16,
   ``keep_in_fp32`` modules in float32 - the set ``model_loaders/fp8.py`` quantizes); block
-  swap: non-block weights + N resident blocks + one prefetch buffer; sp: 1/world of the
-  weights (FSDP shards) + the gathered block and its prefetch;
+  swap: non-block weights + N resident blocks + one prefetch buffer; sp sharded: 1/N of the
+  weights (FSDP shards) + the gathered block and its prefetch (replicated: all of them);
 * KV caches: steps x layers x 2 x tokens x heads x head_dim x bytes (+ fp8 scales), one clip
   window of tokens (latent_frames_per_clip x tokens per frame); tpp: each rank only its steps;
   sp: heads split across ranks; sink store: sink tokens instead of the window;
-* activations of one ``forward_block`` (an estimate; see ``activation_terms``), text K/V of
+* activations of one ``forward_block`` (an estimate; see ``activation_terms``; Ulysses sp: a
+  rank's 1/N of the tokens + the all-to-all buffers), text K/V of
   every layer (kept for the whole run), VAE decode of one block (estimate), encoders when
   kept resident, and a fixed runtime reserve (CUDA context, cuBLAS workspace, allocator).
 
@@ -23,6 +24,11 @@ activation estimate against a measured peak.
 GPUs and the host RAM, by a predicted time per DiT call (``Timing``: copies / bandwidth against
 FLOPs / throughput, two stated assumptions in ``SpeedModel``); fp8 KV caches are the one lossy
 choice and can be forbidden. ``plan.choice`` says what limited the choice.
+
+Several GPUs: a ``Layout`` (tpp step groups x Ulysses sp ranks, weights sharded or replicated,
+optional decode rank) is planned per rank, with the traffic between GPUs (``layout_wire_bytes``)
+over an assumed link (``SpeedModel.link``, by card size) in its time per block; ``choose_layout``
+ranks every layout on the GPUs by predicted fps and recommends the fastest that fits.
 """
 from __future__ import annotations
 
@@ -158,7 +164,8 @@ class MemoryPlan:
         lines = [
             f"{s['model']} | {s['precision']} weights | {s['width']}x{s['height']} "
             f"(latent {s['latent_h']}x{s['latent_w']}, {s['tokens_per_frame']} tokens/frame) | "
-            f"{s['steps']} steps | mode {s['mode']} x{s['world_size']}",
+            f"{s['steps']} steps | mode {s['mode']} x{s['world_size']}"
+            + (f" ({s['layout']})" if s.get("layout") and s["world_size"] > 1 else ""),
             f"placement: {s['placement']}",
             f"tokens: block {s['block_tokens']}, KV window {s['window_tokens']}, sink {s['sink_tokens']}, "
             f"keys per layer {s['keys_per_layer']}",
@@ -308,33 +315,98 @@ def vae_decode_bytes(vae: VAESize, scfg: SamplerConfig, width: int, height: int)
 
 # ---------------------------------------------------------------------------- speed
 @dataclass(frozen=True)
+class Link:
+    """How two GPUs of one machine exchange collectives (all-to-all, all-gather, hand-offs).
+
+    gbps: bytes each rank moves per second, GB/s (NCCL's "bus bandwidth"). shares_host_link: the
+    collectives cross the same PCIe x16 link as the host->device copies (block swap, host KV), so
+    their times add on that link; NVLink is a separate path, so they overlap each other.
+    """
+
+    kind: str
+    gbps: float
+    shares_host_link: bool
+    why: str
+
+
+# The assumed links, by kind. Stated, not measured: override with --link / --link-gbps.
+LINKS = {
+    "pcie": Link("pcie", 12.0, True, "PCIe 4.0 x16 without P2P (consumer cards: peer-to-peer is off, NCCL stages "
+                 "every transfer through host memory, ~half the 25 GB/s of a direct pinned copy)"),
+    "pcie-p2p": Link("pcie-p2p", 22.0, True, "PCIe 4.0 x16 with peer-to-peer (workstation/datacenter PCIe cards, "
+                     "e.g. 48 GB L40S, RTX 6000 Ada)"),
+    "nvlink": Link("nvlink", 200.0, False, "NVLink (80 GB+ datacenter cards, A100/H100/H200 SXM: 300-450 GB/s per "
+                   "direction, ~200 taken for NCCL collectives)"),
+}
+
+
+def link_for(gpu_gib: float) -> str:
+    """The link kind assumed for cards of ``gpu_gib``: < 40 GiB consumer (PCIe, no P2P), < 80 GiB
+    workstation/PCIe datacenter (PCIe P2P), 80+ GiB datacenter SXM (NVLink)."""
+    return "pcie" if gpu_gib < 40 else "pcie-p2p" if gpu_gib < 80 else "nvlink"
+
+
+@dataclass(frozen=True)
 class SpeedModel:
-    """The two assumptions behind a predicted time per DiT call; printed with every plan.
+    """The assumptions behind a predicted time per DiT call; printed with every plan.
 
     bandwidth_gbps: host->device copy rate, GB/s (pinned memory over PCIe 4.0 x16: ~25 of its 32
-    theoretical). tflops: sustained model FLOP rate, TFLOP/s (400: ~40% of an H100/H200's 989 dense
-    bf16; a 24 GB desktop card sustains far less). Neither is measured here: override both with
-    what ``bench/bench_fullsize.py`` measures on the GPU at hand.
+    theoretical). tflops: sustained model FLOP rate per GPU, TFLOP/s (400: ~40% of an H100/H200's 989
+    dense bf16; a 24 GB desktop card sustains far less: an RTX 4090 ~66, 40% of its 165). link /
+    link_gbps: the GPU-to-GPU link for collectives (``LINKS``; None: by card size, ``with_gpus``; a
+    plan made without GPUs takes ``pcie``, the slowest). None is measured here: override them with
+    what ``bench/bench_fullsize.py`` and NCCL's tests measure on the machine at hand.
     """
 
     bandwidth_gbps: float = 25.0
     tflops: float = 400.0
+    link: str | None = None
+    link_gbps: float | None = None
 
     def __post_init__(self) -> None:
         if not (self.bandwidth_gbps > 0 and self.tflops > 0):
             raise ValueError(f"bandwidth and TFLOP/s must be > 0, got {self.bandwidth_gbps} GB/s, {self.tflops} TFLOP/s")
+        if self.link is not None and self.link not in LINKS:
+            raise ValueError(f"link must be one of {', '.join(LINKS)}, got {self.link!r}")
+        if self.link_gbps is not None and not self.link_gbps > 0:
+            raise ValueError(f"link bandwidth must be > 0 GB/s, got {self.link_gbps}")
+
+    def with_gpus(self, gpus: list[float]) -> "SpeedModel":
+        """This model with the link fixed: the one given, else the one the smallest card implies."""
+        return replace(self, link=self.link or link_for(min(gpus)))
+
+    @property
+    def gpu_link(self) -> Link:
+        base = LINKS[self.link or "pcie"]
+        return base if self.link_gbps is None else replace(base, gbps=self.link_gbps)
 
     def describe(self) -> str:
         return f"{self.bandwidth_gbps:g} GB/s host->device, {self.tflops:g} TFLOP/s sustained"
 
+    def describe_link(self) -> str:
+        link = self.gpu_link
+        src = "given" if self.link_gbps is not None else "assumed"
+        return f"{link.gbps:g} GB/s between GPUs ({src}; {link.kind}: {link.why})"
+
 
 @dataclass(frozen=True)
 class Timing:
-    """Predicted time of one DiT call (one block, one step) on the busiest device.
+    """Predicted time of one DiT call (one block, one step) on the busiest device, and of one block.
 
-    Copies (block swap, host KV caches) run on a side stream while the previous block / layer
-    computes, so with prefetch a call takes max(copy, compute); without, copy + compute. Not
-    counted: sp's weight gathers (device to device), fp8 KV decoding and other elementwise work.
+    Per call, on one rank: compute = FLOPs / throughput; copies = host->device bytes (block swap,
+    host KV caches) / host bandwidth; gathers = FSDP all-gather bytes / link; all-to-alls = Ulysses
+    bytes / link. Overlap: copies and gathers are prefetched on a side stream while the previous
+    block / layer computes, so they hide behind compute (on PCIe they share the card's one link, so
+    their times add there; NVLink is a separate path); the all-to-alls cannot hide: attention waits
+    for its q/k/v and the output projection for the attention output. So
+
+        call = a2a + max(compute, copies (+ or max) gathers)      (prefetch)
+        call = a2a + compute + copies + gathers                   (no prefetch)
+
+    A block: tpp pipelines the step groups, so in the steady state one block leaves every
+    max(stage) seconds; a stage is ``calls_per_block`` calls (its steps; the busiest group when the
+    groups do not divide the steps) plus the latent's hand-off to the next stage (counted on the
+    path: it is < 1 MB). fps = frames per block / block time (DiT only; the VAE decode not counted).
     """
 
     flops: int
@@ -343,6 +415,9 @@ class Timing:
     overlap: bool
     calls_per_block: int  # DiT calls per block on the busiest rank (steps; tpp: that rank's steps)
     frames_per_block: int
+    gather_bytes: int = 0  # FSDP all-gathers per call per rank
+    a2a_bytes: int = 0  # Ulysses all-to-alls (+ the output gather) per call per rank
+    handoff_bytes: int = 0  # per block: the latent to the next step group / the decode rank
 
     @property
     def compute_s(self) -> float:
@@ -353,30 +428,71 @@ class Timing:
         return self.copy_bytes / (self.speed.bandwidth_gbps * 1e9)
 
     @property
+    def gather_s(self) -> float:
+        return self.gather_bytes / (self.speed.gpu_link.gbps * 1e9)
+
+    @property
+    def a2a_s(self) -> float:
+        return self.a2a_bytes / (self.speed.gpu_link.gbps * 1e9)
+
+    @property
+    def handoff_s(self) -> float:
+        return self.handoff_bytes / (self.speed.gpu_link.gbps * 1e9)
+
+    @property
+    def hidden_s(self) -> float:
+        """Prefetched transfers of one call: copies and gathers, on one PCIe link or two paths."""
+        if self.speed.gpu_link.shares_host_link:
+            return self.copy_s + self.gather_s
+        return max(self.copy_s, self.gather_s)
+
+    @property
     def call_s(self) -> float:
-        return max(self.compute_s, self.copy_s) if self.overlap else self.compute_s + self.copy_s
+        if self.overlap:
+            return self.a2a_s + max(self.compute_s, self.hidden_s)
+        return self.a2a_s + self.compute_s + self.copy_s + self.gather_s
+
+    @property
+    def block_s(self) -> float:
+        return self.calls_per_block * self.call_s + self.handoff_s
 
     @property
     def fps(self) -> float:
-        return self.frames_per_block / (self.calls_per_block * self.call_s)
+        return self.frames_per_block / self.block_s
 
     @property
     def bound(self) -> str:
-        return "copy-bound" if self.copy_s > self.compute_s else "compute-bound"
+        moved = self.hidden_s if self.overlap else self.copy_s + self.gather_s
+        if self.a2a_s > max(self.compute_s, moved):
+            return "all-to-all-bound"
+        if self.gather_s > self.copy_s and moved > self.compute_s:
+            return "all-gather-bound"
+        return "copy-bound" if moved > self.compute_s else "compute-bound"
 
     def lines(self) -> list[str]:
         how = "max(copy, compute): copies overlap compute" if self.overlap else "copy + compute: no prefetch"
-        return [
+        out = [
             f"predicted time per DiT call: {self.call_s:.3f} s ({self.bound}; {how}) -> ~{self.fps:.1f} fps "
             f"(DiT only, {self.calls_per_block} call(s) per {self.frames_per_block}-frame block)",
             f"   copy {self.copy_bytes / GiB:.2f} GiB / {self.speed.bandwidth_gbps:g} GB/s = {self.copy_s:.3f} s; "
             f"compute {self.flops / 1e12:.1f} TFLOP / {self.speed.tflops:g} TFLOP/s = {self.compute_s:.3f} s",
-            f"   assumptions: {self.speed.describe()} (plan --bandwidth GBPS --tflops TFLOPS)",
         ]
+        if self.gather_bytes or self.a2a_bytes or self.handoff_bytes:
+            gbps = self.speed.gpu_link.gbps
+            out.append(f"   between GPUs per call: all-gather {self.gather_bytes / GiB:.2f} GiB ({self.gather_s:.3f} s, "
+                       f"prefetched), all-to-all {self.a2a_bytes / GiB:.2f} GiB ({self.a2a_s:.3f} s, on the path) at "
+                       f"{gbps:g} GB/s; hand-off per block {self.handoff_bytes / 2**20:.2f} MiB")
+            out.append(f"   time per block: {self.calls_per_block} x {self.call_s:.3f} s + hand-off {self.handoff_s:.4f} s "
+                       f"= {self.block_s:.3f} s -> {self.fps:.1f} fps")
+        out.append(f"   assumptions: {self.speed.describe()} (plan --bandwidth GBPS --tflops TFLOPS)")
+        if self.gather_bytes or self.a2a_bytes or self.handoff_bytes:
+            out.append(f"   link: {self.speed.describe_link()} (plan --link KIND --link-gbps GBPS)")
+        return out
 
 
-def block_step_flops(cfg: DiTConfig, scfg: SamplerConfig, width: int, height: int) -> dict[str, int]:
-    """Model FLOPs of one ``forward_block`` in the steady state (KV window full), by term.
+def block_step_flops(cfg: DiTConfig, scfg: SamplerConfig, width: int, height: int, sp: int = 1) -> dict[str, int]:
+    """Model FLOPs of one ``forward_block`` in the steady state (KV window full), by term; ``sp``: on
+    one rank of a Ulysses group of ``sp`` ranks (see the end).
 
     Counting rule: 2 FLOPs per multiply-add of every matmul and convolution (what
     ``torch.utils.flop_counter`` counts; bias adds, norms, RoPE, softmax and other elementwise
@@ -393,10 +509,18 @@ def block_step_flops(cfg: DiTConfig, scfg: SamplerConfig, width: int, height: in
       over motion_video_frames + frames_per_block feature steps.
 
     ``bench/bench_fullsize.py`` checks it against ``FlopCounterMode`` (tests/test_bench_fullsize.py).
+
+    Ulysses sp (``sp`` ranks): a rank holds ceil(L / sp) of the block's tokens and runs every
+    token-wise matmul (projections, FFN, cross-attention, injectors, patch embedding, head) on
+    those only; self-attention runs all L queries against all K keys for 1/sp of the heads
+    (4LKd / sp). The per-frame and audio terms (time embedding, injector AdaLN and audio k/v, the
+    audio encoder) are small and computed on every rank.
     """
+    if sp < 1:
+        raise ValueError(f"sp must be >= 1, got {sp}")
     g = geometry(cfg, scfg, width, height)
     d, f, nf = cfg.dim, cfg.ffn_dim, scfg.latent_frames_per_block
-    L, K, T = g.block_tokens, g.window_tokens + g.sink_tokens, cfg.text_len
+    L, K, T = -(-g.block_tokens // sp), g.window_tokens + g.sink_tokens, cfg.text_len
     A = cfg.num_audio_token + 1
     layers, inj = cfg.num_layers, len(cfg.audio_inject_layers)
     patch = math.prod(cfg.patch_size)
@@ -415,7 +539,7 @@ def block_step_flops(cfg: DiTConfig, scfg: SamplerConfig, width: int, height: in
 
     return {
         "self_attn_proj": layers * 4 * lin(L, d, d),
-        "self_attn": layers * 4 * L * K * d,
+        "self_attn": layers * 4 * g.block_tokens * K * d // sp,
         "text_cross_proj": layers * 2 * lin(L, d, d),
         "text_cross_attn": layers * 4 * L * T * d,
         "ffn": layers * (lin(L, d, f) + lin(L, f, d)),
@@ -428,13 +552,126 @@ def block_step_flops(cfg: DiTConfig, scfg: SamplerConfig, width: int, height: in
 
 
 def call_flops(cfg: DiTConfig, scfg: SamplerConfig, width: int, height: int, mode: str, world_size: int) -> int:
-    """FLOPs of one DiT call on one rank: sp splits the attention heads (not the linear layers,
-    which run on every rank's full sequence); single and tpp run the whole call on one device."""
-    terms = block_step_flops(cfg, scfg, width, height)
-    if mode == "sp":
-        for name in ("self_attn", "text_cross_attn"):
-            terms[name] //= world_size
-    return sum(terms.values())
+    """FLOPs of one DiT call on one rank: sp (Ulysses) splits the tokens and the heads over the
+    ranks (``block_step_flops(sp=)``); single and tpp run the whole call on one device."""
+    return sum(block_step_flops(cfg, scfg, width, height, world_size if mode == "sp" else 1).values())
+
+
+# ---------------------------------------------------------------------------- traffic between GPUs
+@dataclass(frozen=True)
+class WireBytes:
+    """Bytes one rank sends per DiT call (``all_to_all``, ``all_gather``) and per block (``handoff``)."""
+
+    all_to_all: int = 0  # Ulysses: q, k, v in and the attention output back, every layer (+ output gather)
+    all_gather: int = 0  # FSDP2: every unit's weights gathered once per call
+    handoff: int = 0  # tpp: the block's latent to the next step group (or the decode rank), once per block
+
+    @property
+    def per_call(self) -> int:
+        return self.all_to_all + self.all_gather
+
+
+def layout_wire_bytes(cfg: DiTConfig, scfg: SamplerConfig, width: int, height: int, precision: str,
+                      sp: int = 1, sharded: bool = False, handoff: bool = False) -> WireBytes:
+    """The planner's traffic model: bytes on the wire per rank (sent; a rank receives as much).
+
+    With N = ``sp`` ranks in a Ulysses group, L block tokens, d = dim, b = compute dtype bytes
+    (4 for fp32, else 2), layers = num_layers, W = the DiT's weight bytes in ``precision``:
+
+    * all-to-all: per layer, q, k and v go sequence-sharded -> head-sharded and the attention
+      output comes back: 4 all-to-alls of a rank's local ceil(L/N) x d tensor, of which (N-1)/N
+      leaves the rank: 4 * layers * (N-1)/N * ceil(L/N) * d * b. Plus the float32 velocity of
+      the rank's tokens gathered once per call: (N-1)/N * latent bytes (c x F x h x w x 4).
+      Cross-attention (text keys replicated), the audio injectors and the FFN need nothing.
+    * all-gather (``sharded``): FSDP2 gathers every unit once per call; a ring all-gather sends
+      (N-1)/N of the gathered bytes per rank: (N-1)/N * W.
+    * hand-off (``handoff``, tpp): the float32 block latent c x F x h x w x 4, once per block.
+
+    Not counted: once-per-clip or once-per-video exchanges (sink prefill, text K/V, the reference
+    broadcast) and the one-element cancel/control messages.
+    """
+    g = geometry(cfg, scfg, width, height)
+    b = 4 if precision == "fp32" else 2
+    latent = cfg.out_dim * scfg.latent_frames_per_block * g.latent_h * g.latent_w * 4
+    a2a = gather = 0
+    if sp > 1:
+        share = (sp - 1) / sp
+        a2a = round(4 * cfg.num_layers * share * -(-g.block_tokens // sp) * cfg.dim * b + share * latent)
+        if sharded:
+            gather = round(share * weight_bytes(cfg, precision).total(cfg.num_layers))
+    return WireBytes(a2a, gather, latent if handoff else 0)
+
+
+# ---------------------------------------------------------------------------- layouts
+@dataclass(frozen=True)
+class Layout:
+    """How the DiT is spread over GPUs: ``groups`` tpp step groups, each a Ulysses sp group of ``sp``
+    ranks (1 x 1: one process); within an sp group the weights are FSDP2-sharded (``sharded``) or
+    replicated; ``decode_rank``: one more GPU holds only the VAE. CLI: ``--workers groups*sp --mode
+    tpp --sp sp [--decode-rank]`` (``flags``)."""
+
+    groups: int = 1
+    sp: int = 1
+    sharded: bool = False
+    decode_rank: bool = False
+
+    def __post_init__(self) -> None:
+        if self.groups < 1 or self.sp < 1:
+            raise ValueError(f"a layout needs >= 1 step group of >= 1 rank, got {self.groups} x {self.sp}")
+        if self.sharded and self.sp == 1:
+            raise ValueError("weights are sharded within an sp group: sharded needs sp >= 2")
+        if self.decode_rank and self.groups == 1 and self.sp > 1:
+            raise ValueError("a decode rank runs with --mode tpp (step groups), not plain sp")
+
+    @property
+    def dit_ranks(self) -> int:
+        return self.groups * self.sp
+
+    @property
+    def gpus(self) -> int:
+        return self.dit_ranks + int(self.decode_rank)
+
+    @property
+    def mode(self) -> str:
+        """The plan's mode: single (one process), sp (one sp group) or tpp (step groups, with or without sp)."""
+        if self.gpus == 1:
+            return "single"
+        return "sp" if self.groups == 1 and self.sp > 1 else "tpp"
+
+    @classmethod
+    def of_mode(cls, mode: str, world_size: int, steps: int) -> "Layout":
+        """The layout ``--mode`` gives on ``world_size`` GPUs: tpp runs at most ``steps`` step groups
+        (one more GPU becomes the decode rank), sp is one sharded group of all of them."""
+        if mode == "single":
+            return cls()
+        if mode == "sp":
+            return cls(1, world_size, sharded=True)
+        return cls(min(world_size, steps), 1, decode_rank=world_size > steps)
+
+    def name(self) -> str:
+        parts = []
+        if self.groups > 1 or (self.sp == 1 and self.decode_rank):
+            parts.append(f"tpp {self.groups}")
+        if self.sp > 1:
+            parts.append(f"sp {self.sp} ({'sharded' if self.sharded else 'replicated'})")
+        text = " x ".join(parts) or "single"
+        return text + (" + decode rank" if self.decode_rank else "")
+
+    def flags(self) -> str:
+        """The ``generate``/``demo`` flags that run this layout."""
+        if self.gpus == 1:
+            return "(no --workers)"
+        if self.mode == "sp":
+            return f"--workers {self.sp} --mode sp"
+        out = f"--workers {self.dit_ranks} --mode tpp" + (f" --sp {self.sp}" if self.sp > 1 else "")
+        return out + (" --decode-rank" if self.decode_rank else "")
+
+    def group_steps(self, steps: int) -> list[int]:
+        """Steps per step group: contiguous runs, earlier groups one more (``distributed.runtime.assign_steps``)."""
+        if self.groups > steps:
+            raise ValueError(f"tpp runs at most {steps} step groups for {steps} steps, got {self.groups}")
+        base, extra = divmod(steps, self.groups)
+        return [base + (g < extra) for g in range(self.groups)]
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -453,17 +690,25 @@ def plan_memory(
     runtime_reserve: int = int(0.75 * GiB),
     model_name: str | None = None,
     speed: SpeedModel = SpeedModel(),
+    layout: Layout | None = None,
 ) -> MemoryPlan:
-    """Per-device and host memory of sampling with this configuration (see module docstring)."""
+    """Per-device and host memory of sampling with this configuration (see module docstring), and
+    its predicted time (``Timing``). ``layout`` (default: the one ``mode`` gives on ``world_size``
+    GPUs, ``Layout.of_mode``) says how the DiT is spread; ``placement`` applies to every DiT rank."""
     placement = placement or PlacementConfig()
-    if mode not in ("single", "tpp", "sp"):
-        raise ValueError(f"mode must be single, tpp or sp, got {mode!r}")
-    if mode == "single" and world_size != 1:
-        raise ValueError("mode 'single' runs on one device; use tpp or sp for several")
-    if mode != "single" and world_size < 2:
-        raise ValueError(f"mode {mode} needs at least 2 devices")
-    if mode == "sp" and dit_cfg.num_heads % world_size:
-        raise ValueError(f"sp splits {dit_cfg.num_heads} heads evenly; {world_size} ranks do not divide them")
+    if layout is None:
+        if mode not in ("single", "tpp", "sp"):
+            raise ValueError(f"mode must be single, tpp or sp, got {mode!r}")
+        if mode == "single" and world_size != 1:
+            raise ValueError("mode 'single' runs on one device; use tpp or sp for several")
+        if mode != "single" and world_size < 2:
+            raise ValueError(f"mode {mode} needs at least 2 devices")
+        layout = Layout.of_mode(mode, world_size, sampler_cfg.steps)
+    else:
+        mode, world_size = layout.mode, layout.gpus
+    sp = layout.sp
+    if dit_cfg.num_heads % sp:
+        raise ValueError(f"sp splits {dit_cfg.num_heads} heads evenly; {sp} ranks do not divide them")
     cfg, scfg = dit_cfg, sampler_cfg
     g = geometry(cfg, scfg, width, height, vae.spatial_stride)
     w = weight_bytes(cfg, precision)
@@ -473,15 +718,16 @@ def plan_memory(
     kv_b = kv_dtype.itemsize if kv_dtype is not None else b
     scaled = kv_b == 1
     kv_host = placement.kv_cache_device == "cpu"
-    heads = cfg.num_heads // world_size if mode == "sp" else cfg.num_heads
+    heads = cfg.num_heads // sp
     heads_frac = heads / cfg.num_heads
+    per_group = layout.group_steps(scfg.steps)
 
     # weights on one DiT device
-    swap = placement.blocks_on_device is not None and placement.blocks_on_device < L
-    if mode == "sp":
+    swap = placement.blocks_on_device is not None and placement.blocks_on_device < L and not layout.sharded
+    if layout.sharded:
         gathered = 2 * w.block  # the gathered unit and the next one (FSDP prefetch)
-        dev_weights = Term("weights", math.ceil(w.total(L) / world_size) + gathered,
-                           f"1/{world_size} shard + 2 gathered blocks", exact=False)
+        dev_weights = Term("weights", math.ceil(w.total(L) / sp) + gathered,
+                           f"1/{sp} shard + 2 gathered blocks", exact=False)
         host_weights = 0
         n_swapped = 0
     elif swap:
@@ -495,7 +741,7 @@ def plan_memory(
         dev_weights = Term("weights", w.total(L), f"{L} blocks of {w.block / 2**20:.0f} MiB + {w.base / 2**20:.0f} MiB")
         n_swapped = 0
         host_weights = w.total(L) if placement.offload_model_between_uses else 0
-    if placement.offload_model_between_uses and not swap and mode != "sp":
+    if placement.offload_model_between_uses and not swap and not layout.sharded:
         dev_weights.note += " (while in use)"
         host_weights = w.total(L)
     elif placement.offload_model_between_uses and swap:
@@ -508,14 +754,15 @@ def plan_memory(
         kv_copies = 2 if placement.prefetch else 1
     else:
         kv_copies = 1 if kv_dtype is not None and kv_b != b else 0
-    act, _ = activation_terms(cfg, g, b, heads_frac, kv_copies)
-    if mode == "sp":
-        act += 3 * g.block_tokens * cfg.dim * b  # head scatter copies of q/k/v + the gathered output
+    local = replace(g, block_tokens=-(-g.block_tokens // sp))  # Ulysses: a rank's share of the block's tokens
+    act, _ = activation_terms(cfg, local, b, heads_frac, kv_copies)
+    if sp > 1:
+        act += 4 * local.block_tokens * cfg.dim * b  # all-to-all receive buffers of q/k/v + the output's send buffer
     vae_w, vae_work = vae_decode_bytes(vae, scfg, width, height)
 
     def dit_device(role: str, count: int, steps: int, with_vae: bool) -> DevicePlan:
         kv_note = f"{steps} step cache(s) x {one_kv / GiB:.2f} GiB ({dtype_name(kv_dtype) or 'model dtype'}"
-        kv_note += f", {heads} heads)" if mode == "sp" else ")"
+        kv_note += f", {heads} heads)" if sp > 1 else ")"
         terms = [dev_weights]
         if kv_host:
             terms.append(Term("KV caches", 0, f"on host: {kv_note}"))
@@ -524,7 +771,8 @@ def plan_memory(
             terms.append(Term("KV caches", steps * one_kv, kv_note))
             terms.append(Term("sink cache", sink, f"{g.sink_tokens} sink tokens"))
         terms.append(Term("text K/V", text_kv, f"{L} layers x 2 x {cfg.text_len} x {cfg.dim}"))
-        terms.append(Term("activations", act, f"one block: {g.block_tokens} tokens, {g.keys} keys", exact=False))
+        act_note = f"one block: {local.block_tokens} tokens" + (f" (1/{sp})" if sp > 1 else "") + f", {g.keys} keys"
+        terms.append(Term("activations", act, act_note, exact=False))
         if with_vae:
             terms.append(Term("VAE decode", vae_w + vae_work, "weights + one block's working set", exact=False))
         if encoders_resident:
@@ -532,31 +780,34 @@ def plan_memory(
         terms.append(Term("runtime reserve", runtime_reserve, "CUDA context, workspaces, allocator", exact=False))
         return DevicePlan(role, count, terms)
 
-    steps = scfg.steps
-    if mode == "tpp":
-        dit_ranks = min(world_size, steps)
-        per = [steps // dit_ranks + (1 if r < steps % dit_ranks else 0) for r in range(dit_ranks)]
-        devices = []
-        decode_rank = world_size > steps
-        most = max(per)
-        devices.append(dit_device(f"DiT rank ({most} step(s) each)", per.count(most), most, with_vae=not decode_rank and per.count(most) == dit_ranks))
-        if per.count(most) != dit_ranks:
-            devices.append(dit_device(f"DiT rank ({most - 1} step(s), decodes)", dit_ranks - per.count(most), most - 1, with_vae=not decode_rank))
-        if decode_rank:
-            devices.append(DevicePlan("decode rank", world_size - dit_ranks, [
-                Term("VAE decode", vae_w + vae_work, "weights + one block's working set", exact=False),
-                Term("runtime reserve", runtime_reserve, "CUDA context, workspaces, allocator", exact=False)]))
-        host_kv = sum(per) * one_kv + dit_ranks * sink if kv_host else 0
-        host_w = host_weights * dit_ranks
-        calls = most
-    else:
-        role = "rank (heads split, weights sharded)" if mode == "sp" else "GPU"
-        devices = [dit_device(role + (", decodes" if mode == "sp" else ""), 1, steps, True)]
-        if mode == "sp":
-            devices.append(dit_device(role, world_size - 1, steps, False))
-        host_kv = (steps * one_kv + sink) * (world_size if mode == "sp" else 1) if kv_host else 0
-        host_w = host_weights
-        calls = steps
+    most, fewest = max(per_group), min(per_group)
+    devices = []
+    for steps_n in sorted(set(per_group), reverse=True):
+        ranks = per_group.count(steps_n) * sp
+        # without a decode rank the lightest step groups decode (all of them when the steps divide evenly)
+        vae_here = not layout.decode_rank and steps_n == fewest
+        if sp > 1:
+            role = (f"sp rank ({steps_n} step(s), 1/{sp} of tokens and heads, weights "
+                    f"{'sharded' if layout.sharded else 'replicated'})")
+            if layout.groups == 1:
+                role = f"sp rank (1/{sp} of tokens and heads, weights {'sharded' if layout.sharded else 'replicated'})"
+            if vae_here:  # one rank of the group decodes
+                devices.append(dit_device(role + ", decodes", 1, steps_n, True))
+                ranks -= 1
+            if ranks:
+                devices.append(dit_device(role, ranks, steps_n, False))
+        elif layout.groups == 1:
+            devices.append(dit_device("GPU", 1, steps_n, not layout.decode_rank))
+        elif steps_n == most:
+            devices.append(dit_device(f"DiT rank ({steps_n} step(s) each)", ranks, steps_n, vae_here))
+        else:
+            devices.append(dit_device(f"DiT rank ({steps_n} step(s), decodes)", ranks, steps_n, vae_here))
+    if layout.decode_rank:
+        devices.append(DevicePlan("decode rank", 1, [
+            Term("VAE decode", vae_w + vae_work, "weights + one block's working set", exact=False),
+            Term("runtime reserve", runtime_reserve, "CUDA context, workspaces, allocator", exact=False)]))
+    host_kv = sum(sp * (n * one_kv + sink) for n in per_group) if kv_host else 0
+    host_w = host_weights * layout.dit_ranks
 
     host = []
     if host_w:
@@ -570,7 +821,7 @@ def plan_memory(
         Term("audio encoder", encoders.audio_total)]
 
     traffic = 0
-    if swap and mode != "sp":
+    if swap:
         traffic += n_swapped * w.block
     if kv_host:
         traffic += cache_bytes(cfg, g.keys, heads, kv_b, scaled)  # every layer's window + sink, once per call
@@ -580,11 +831,14 @@ def plan_memory(
         "precision": precision, "width": width, "height": height,
         "latent_h": g.latent_h, "latent_w": g.latent_w, "tokens_per_frame": g.tokens_per_frame,
         "block_tokens": g.block_tokens, "window_tokens": g.window_tokens, "sink_tokens": g.sink_tokens,
-        "keys_per_layer": g.keys, "steps": steps, "mode": mode, "world_size": world_size,
+        "keys_per_layer": g.keys, "steps": scfg.steps, "mode": mode, "world_size": world_size,
+        "layout": layout.name(), "layout_obj": layout,
         "placement": placement.describe(), "placement_dict": placement.to_dict(),
     }
-    timing = Timing(call_flops(cfg, scfg, width, height, mode, world_size), traffic, speed, placement.prefetch,
-                    calls, scfg.frames_per_block)
+    wire = layout_wire_bytes(cfg, scfg, width, height, precision, sp, layout.sharded,
+                             handoff=layout.groups > 1 or layout.decode_rank)
+    timing = Timing(sum(block_step_flops(cfg, scfg, width, height, sp).values()), traffic, speed, placement.prefetch,
+                    most, scfg.frames_per_block, wire.all_gather, wire.all_to_all, wire.handoff)
     return MemoryPlan(settings, devices, host, encode_phase, traffic, timing)
 
 
@@ -667,7 +921,7 @@ def verdict(plan: MemoryPlan, gpus: list[float] | str, host_ram_gib: float | Non
         hints.append("more host RAM (--host-ram GIB if more is free than the system reports)")
     if pd["kv_cache_dtype"] is None:
         hints.append("fp8 KV caches (kv_cache_dtype float8_e4m3fn; changes results slightly)")
-    hints.append("more GPUs (--mode sp splits heads and weights; --mode tpp splits steps)")
+    hints.append("more GPUs (--mode sp splits heads and weights; --mode tpp splits steps; plan --gpus NxGIB ranks every layout)")
     return Verdict(False, "does not fit: " + "; ".join(problems) + ". Try: " + "; ".join(dict.fromkeys(hints)),
                    headroom, host_headroom)
 
@@ -711,22 +965,27 @@ def choose_placement(
     allow_fp8_kv: bool = True,
     host_ram_gib: float | None = None,
     speed: SpeedModel = SpeedModel(),
+    layout: Layout | None = None,
     **plan_kwargs,
 ) -> tuple[PlacementConfig | None, MemoryPlan]:
     """The fastest placement that fits the GPUs and ``host_ram_gib`` (None: host RAM not limited),
     by predicted time per DiT call (``Timing``), within the user's weight precision. fp8 KV caches
     (lossy) only if ``allow_fp8_kv``. On a tie (copies hidden behind compute) an exact placement,
     then less traffic, then a lower peak. ``plan.choice`` says what limited the choice.
-    Returns (None, the plan closest to fitting) if none fits."""
+    Returns (None, the plan closest to fitting) if none fits. ``layout``: plan that layout (on
+    its own number of GPUs) instead of ``mode`` on all of ``gpus``."""
     gpus = parse_gpus(gpus) if isinstance(gpus, str) else list(gpus)
     world = len(gpus) if mode != "single" else 1
+    if layout is None:
+        layout = Layout.of_mode(mode, world, sampler_cfg.steps)
     exact, lossy = _candidates(dit_cfg.num_layers, True, device)
     tried = []
     for group, is_lossy in ((exact, False), (lossy, True)):
         for pc in group:
-            if mode == "sp" and pc.blocks_on_device is not None:
-                continue  # sp already streams sharded blocks
-            plan = plan_memory(dit_cfg, precision, width, height, sampler_cfg, pc, world, mode, speed=speed, **plan_kwargs)
+            if layout.sharded and pc.blocks_on_device is not None:
+                continue  # sharded sp already streams its blocks (all-gathers)
+            plan = plan_memory(dit_cfg, precision, width, height, sampler_cfg, pc, speed=speed, layout=layout,
+                               **plan_kwargs)
             gpu_ok = verdict(plan, gpus).fits
             host_ok = host_ram_gib is None or verdict(plan, gpus, host_ram_gib).host_headroom >= 0
             tried.append(_Tried(pc, plan, is_lossy, gpu_ok, host_ok))
@@ -787,6 +1046,149 @@ def _explain(chosen: _Tried | None, best: _Tried, tried: list[_Tried], allow_fp8
     return lines
 
 
+# ---------------------------------------------------------------------------- the fastest layout
+def enumerate_layouts(num_gpus: int, steps: int, num_heads: int) -> list[Layout]:
+    """Every layout the runtime offers on at most ``num_gpus`` GPUs: one process; tpp with 1..steps
+    step groups; Ulysses sp groups of any size that divides the heads, alone or as tpp step groups,
+    weights sharded or replicated; each tpp layout with or without a decode rank."""
+    out = []
+    for sp in range(1, num_gpus + 1):
+        if num_heads % sp:
+            continue
+        for groups in range(1, steps + 1):
+            for decode in (False, True):
+                if decode and groups == 1 and sp > 1:
+                    continue  # plain sp has no decode rank
+                if groups * sp + decode > num_gpus:
+                    continue
+                for sharded in ((False, True) if sp > 1 else (False,)):
+                    out.append(Layout(groups, sp, sharded, decode))
+    return out
+
+
+@dataclass
+class LayoutOption:
+    """One layout with its fastest placement that fits (``placement`` None: none fits; ``plan``: the closest)."""
+
+    layout: Layout
+    placement: PlacementConfig | None
+    plan: MemoryPlan
+
+    @property
+    def fits(self) -> bool:
+        return self.placement is not None
+
+    @property
+    def lossy(self) -> bool:
+        return self.placement is not None and self.placement.kv_fp8
+
+    @property
+    def key(self) -> tuple:
+        # fastest first; on a tie exact, then fewer GPUs, then a lower peak
+        return (round(self.plan.timing.block_s, 6), self.lossy, self.layout.gpus, self.plan.peak_device)
+
+    def memory(self) -> str:
+        """Per-device totals, GiB: '21.3 x3, 21.6 (decodes)'."""
+        parts = []
+        for d in self.plan.devices:
+            tag = " (decode rank)" if d.role == "decode rank" else " (decodes)" if "decodes" in d.role else ""
+            parts.append(f"{d.total / GiB:.1f}" + (f" x{d.count}" if d.count > 1 else "") + tag)
+        return ", ".join(parts)
+
+
+@dataclass
+class LayoutChoice:
+    """Every layout on the GPUs, fastest fitting first (``ranked``), and those nothing fits (``unfit``)."""
+
+    gpus: list[float]
+    speed: SpeedModel
+    ranked: list[LayoutOption]
+    unfit: list[LayoutOption]
+    host_ram_gib: float | None
+    allow_fp8_kv: bool
+
+    @property
+    def best(self) -> LayoutOption | None:
+        return self.ranked[0] if self.ranked else None
+
+    def lines(self, top: int = 8) -> list[str]:
+        """The ranking as printed by ``plan --gpus``: the assumptions, the recommended layout first,
+        then the runners-up (``top`` in all), then how many more fit and what ruled the others out."""
+        g, sp = self.gpus, self.speed
+        same = len(set(g)) == 1
+        cards = f"{len(g)}x{g[0]:g}" if same else ",".join(f"{x:g}" for x in g)
+        host = "not limited" if self.host_ram_gib is None else f"{self.host_ram_gib:.1f} GiB"
+        out = [f"-- layouts on {cards} GiB, fastest first (GPU {min(g) * 0.95:.1f} GiB usable each; host RAM {host}; "
+               f"fp8 KV caches {'allowed' if self.allow_fp8_kv else 'forbidden (exact)'})",
+               f"   assumptions: {sp.tflops:g} TFLOP/s sustained per GPU, {sp.bandwidth_gbps:g} GB/s host->device, "
+               f"{sp.describe_link()}",
+               "   override: --tflops TFLOPS --bandwidth GBPS --link pcie|pcie-p2p|nvlink --link-gbps GBPS"]
+        if min(g) < 80 and sp.tflops >= 200:
+            out.append(f"   note: {sp.tflops:g} TFLOP/s is an H100-class rate; a 24 GB RTX 4090 sustains ~66 "
+                       "(40% of its 165 dense bf16): --tflops 66")
+        if not self.ranked:
+            out.append("   no layout fits; closest:")
+            for o in sorted(self.unfit, key=lambda o: o.plan.peak_device)[:3]:
+                out.append(f"      {o.layout.name()} ({o.layout.flags()}): peak {o.plan.peak_device / GiB:.1f} GiB per GPU")
+            return out
+        width = max(len(o.layout.name()) for o in self.ranked[:top])
+        fwidth = max(len(o.layout.flags()) for o in self.ranked[:top])
+        for i, o in enumerate(self.ranked[:top]):
+            if i < 2:
+                out.append("recommended (the fastest that fits):" if i == 0 else "runners-up:")
+            t = o.plan.timing
+            out.append(f"  {i + 1:>2}. {o.layout.name():<{width}}  {o.layout.flags():<{fwidth}}  {t.fps:5.1f} fps  "
+                       f"{t.block_s:6.3f} s/block  GiB per device: {o.memory()}; {_placement_text(o.placement)}; "
+                       f"{t.bound}")
+        if len(self.ranked) > top:
+            out.append(f"   ({len(self.ranked) - top} more layouts fit, all slower or equal)")
+        if self.unfit:
+            o = min(self.unfit, key=lambda o: o.plan.timing.block_s)
+            out.append(f"   {len(self.unfit)} layout(s) do not fit; the fastest of them, {o.layout.name()} "
+                       f"({o.plan.timing.fps:.1f} fps), needs {o.plan.peak_device / GiB:.1f} GiB per GPU"
+                       + ("" if self.host_ram_gib is None else f" and {o.plan.host_total / GiB:.1f} GiB of host RAM"))
+        return out
+
+
+def _placement_text(pc: PlacementConfig | None) -> str:
+    if pc is None:
+        return "none fits"
+    blocks = "all blocks" if pc.blocks_on_device is None else f"block swap ({pc.blocks_on_device} resident)"
+    kv = ("fp8 " if pc.kv_fp8 else "") + "KV on " + ("host" if pc.kv_cache_device == "cpu" else "GPU")
+    return f"{blocks}, {kv}"
+
+
+def choose_layout(
+    dit_cfg: DiTConfig,
+    precision: str,
+    width: int,
+    height: int,
+    sampler_cfg: SamplerConfig,
+    gpus: list[float] | str,
+    allow_fp8_kv: bool = True,
+    host_ram_gib: float | None = None,
+    speed: SpeedModel = SpeedModel(),
+    layouts: list[Layout] | None = None,
+    **plan_kwargs,
+) -> LayoutChoice:
+    """The fastest layout that fits ``gpus``, by predicted time per block (``Timing.block_s``), each
+    layout with its fastest fitting placement (``choose_placement``). ``speed``'s link, unless given,
+    follows the smallest card (``link_for``). ``layouts``: those to consider (default: all,
+    ``enumerate_layouts``)."""
+    gpus = parse_gpus(gpus) if isinstance(gpus, str) else list(gpus)
+    speed = speed.with_gpus(gpus)
+    if layouts is None:
+        layouts = enumerate_layouts(len(gpus), sampler_cfg.steps, dit_cfg.num_heads)
+    ranked, unfit = [], []
+    for layout in layouts:
+        pc, plan = choose_placement(dit_cfg, precision, width, height, sampler_cfg, gpus[:layout.gpus], layout.mode,
+                                    allow_fp8_kv=allow_fp8_kv, host_ram_gib=host_ram_gib, speed=speed, layout=layout,
+                                    **plan_kwargs)
+        (ranked if pc is not None else unfit).append(LayoutOption(layout, pc, plan))
+    ranked.sort(key=lambda o: o.key)
+    return LayoutChoice(gpus, speed, ranked, unfit, host_ram_gib, allow_fp8_kv)
+
+
 # ---------------------------------------------------------------------------- generate's pre-load check
 def dit_config_of(path) -> DiTConfig:
     """A DiT checkpoint's configuration from its header alone (config.json beside it, else its shapes)."""
@@ -840,4 +1242,6 @@ __all__ = [
     "plan_memory", "verdict", "choose_placement", "parse_gpus", "parse_size",
     "SpeedModel", "Timing", "block_step_flops", "call_flops", "available_host_ram_gib", "STORAGE_BYTES",
     "dit_config_of", "preload_host_check",
+    "Link", "LINKS", "link_for", "WireBytes", "layout_wire_bytes", "Layout", "LayoutOption", "LayoutChoice",
+    "enumerate_layouts", "choose_layout",
 ]
