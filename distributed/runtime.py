@@ -56,6 +56,7 @@ from ..liveavatar.sampler import (
     clip_noise,
     flow_schedule,
 )
+from ..liveavatar.schedule import SinkAction, assign_steps, schedule  # noqa: F401 - assign_steps: re-exported
 from . import protocol
 from .sharding import HeadSplit, parameter_bytes, shard_model
 
@@ -63,19 +64,6 @@ EXIT_PARENT_GONE = 3
 TRACEBACK_TAIL = 4000
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-def assign_steps(steps: int, world: int) -> list[list[int]]:
-    """Contiguous runs of steps per rank; earlier ranks take one more when it does not divide."""
-    if not 1 <= world <= steps:
-        raise ValueError(f"tpp needs between 1 and {steps} ranks for {steps} steps, got {world}")
-    base, extra = divmod(steps, world)
-    out, start = [], 0
-    for rank in range(world):
-        n = base + (rank < extra)
-        out.append(list(range(start, start + n)))
-        start += n
-    return out
 
 
 def sampler_config(raw: dict) -> SamplerConfig:
@@ -243,15 +231,13 @@ class Job:
         self.rope = rope_from_job(msg["rope"])
         self.noise_table = msg.get("noise")
         self.vae = msg.get("vae")
+        self.schedule = schedule(self.cfg, self.num_clips, self.seed, self.rope)  # the order every rank follows
 
     def noise(self, clip: int) -> torch.Tensor:
         if self.noise_table is not None:
             return self.noise_table[clip]
         c, _, h, w = self.sink.ref_latent.shape
         return clip_noise(self.seed, clip, (c, self.cfg.latent_frames_per_clip, h, w))
-
-    def order(self) -> list[tuple[int, int]]:
-        return [(c, b) for c in range(self.num_clips) for b in range(self.cfg.blocks_per_clip)]
 
 
 class TPPRank:
@@ -275,10 +261,10 @@ class TPPRank:
         c, _, h, w = job.sink.ref_latent.shape
         nf = cfg.latent_frames_per_block
         storage = CacheStorage(device=model.device, dtype=model.dtype)
-        schedule = flow_schedule(cfg)
+        levels = flow_schedule(cfg)
         cond = model.new_cond_cache(h, w, storage)
         workers = [
-            StepWorker(model, cfg, s, text, model.new_kv_cache(h, w, cfg.latent_frames_per_clip, storage), cond, schedule)
+            StepWorker(model, cfg, s, text, model.new_kv_cache(h, w, cfg.latent_frames_per_clip, storage), cond, levels)
             for s in steps
         ]
         pending: list = []  # outstanding isends (tensors kept alive by their works)
@@ -287,7 +273,8 @@ class TPPRank:
         stopped_at = None
         times = []
         noise = None
-        for g, (clip, block) in enumerate(job.order()):
+        for plan in job.schedule:
+            g, clip, block = plan.index, plan.clip, plan.block
             # 1. the stop decision runs down the chain before anything else of block g
             if rank == 0:
                 stop = job.id in inbox.cancelled
@@ -302,9 +289,9 @@ class TPPRank:
                 stopped_at = (clip, block)
                 break
             # 2. sinks: prefill at clip 0; clip 1 takes clip 0's first latent from the last rank
-            if clip == 0 and block == 0:
+            if plan.sink is SinkAction.PREFILL:
                 workers[0].prefill(job.sink)
-            elif clip == 1 and block == 0:
+            elif plan.sink is SinkAction.REFRESH:
                 ref = first_block[:, :1].contiguous() if rank == last else torch.empty(c, 1, h, w)
                 ref = ref.to(self.comm)
                 dist.broadcast(ref, src=last)
@@ -313,19 +300,17 @@ class TPPRank:
             if rank == 0:
                 if block == 0:
                     noise = job.noise(clip)
-                x = noise[:, block * nf : (block + 1) * nf].to(model.device, torch.float32)
+                x = noise[:, plan.noise_slice].to(model.device, torch.float32)
             else:
                 x = torch.empty(c, nf, h, w, dtype=torch.float32, device=self.comm)
                 dist.recv(x, src=prev, tag=_tag(g, 1))
                 x = x.to(model.device)
             t0 = time.time()
-            frame_start = clip * cfg.latent_frames_per_clip + block * nf
-            video_start = frame_start * cfg.vae_temporal_stride
-            audio = job.audio.frames(video_start, video_start + cfg.frames_per_block)
+            audio = job.audio.frames(plan.audio_start, plan.audio_stop)
             for worker in workers:
-                x = worker(x, frame_start, audio, job.rope(clip, block, worker.step))
+                x = worker(x, plan.frame_start, audio, plan.rd(worker.step))
             times.append((clip, block, t0, time.time()))
-            if rank == last and clip == 0 and block == 0:
+            if rank == last and plan.refresh_source:
                 first_block = x
             if not chained:
                 conn.send({"type": "block", "job": job.id, "clip": clip, "block": block, "latents": x.cpu()})
@@ -383,13 +368,14 @@ class DecodeRank:
         c, _, h, w = job.sink.ref_latent.shape
         nf = cfg.latent_frames_per_block
         times, stopped_at, first = [], None, 0
-        for g, (clip, block) in enumerate(job.order()):
+        for plan in job.schedule:
+            g, clip, block = plan.index, plan.clip, plan.block
             ctrl = torch.empty(2, dtype=torch.int64, device=self.comm)
             dist.recv(ctrl, src=prev, tag=_tag(g, 0))
             if bool(ctrl[1].item()):
                 stopped_at = (clip, block)
                 break
-            if clip == 1 and block == 0:  # the sink broadcast is collective: take part, keep nothing
+            if plan.sink is SinkAction.REFRESH:  # the sink broadcast is collective: take part, keep nothing
                 dist.broadcast(torch.empty(c, 1, h, w, device=self.comm), src=prev)
             x = torch.empty(c, nf, h, w, dtype=torch.float32, device=self.comm)
             dist.recv(x, src=prev, tag=_tag(g, 1))
@@ -438,7 +424,6 @@ class SPRank:
         text = model.embed_text(job.text)
         storage = CacheStorage(device=model.device, dtype=model.dtype, heads=(self.backend.start, self.backend.stop))
         counter = {"n": 0, "g": 0}
-        order = job.order()
 
         def check_cancel():  # called before every step: the ranks agree on each, so all stop within one DiT call
             n = counter["n"]
@@ -447,7 +432,7 @@ class SPRank:
             flag = torch.tensor([int(rank == 0 and job.id in inbox.cancelled)], device=self.comm)
             dist.broadcast(flag, src=0)
             if flag.item():
-                raise Cancelled(f"cancelled at {order[counter['g']]}")
+                raise Cancelled(f"cancelled at {job.schedule.block_at(counter['g']).where}")
 
         sampler = StreamingSampler(
             model, cfg, text, job.audio, job.sink, job.seed, rope_offsets=job.rope,
@@ -463,7 +448,7 @@ class SPRank:
                 between.append(parameter_bytes(model, self.units))
                 tick = time.time()
         except Cancelled:
-            stopped_at = order[counter["g"]]
+            stopped_at = job.schedule.block_at(counter["g"]).where
         return {
             "steps": list(range(cfg.steps)),
             "heads": (self.backend.start, self.backend.stop),

@@ -26,6 +26,7 @@ from ..liveavatar.sampler import (
     SinkInputs,
     TableRopeOffsets,
     TensorAudio,
+    schedule,
 )
 from ..liveavatar.pipeline import FrameChunk
 from .launcher import PoolOptions, WorkerPool, shared_pool
@@ -55,7 +56,7 @@ class DistributedSampler:
             raise ValueError("distributed runs always use the TPP clip-1 sink rule (clip 0's first latent)")
         self.pool = pool if isinstance(pool, WorkerPool) else shared_pool(pool)
         self.cfg, self.text, self.audio, self.sink, self.seed = cfg, text, audio, sink, seed
-        self.rope_offsets = rope_offsets or SeededRopeOffsets(seed, *cfg.rope_offset_range)
+        self.rope_offsets = schedule(cfg, 0, seed, rope_offsets).rope_offsets  # the schedule's default rd
         self.noise = noise
         self.check_cancel = check_cancel
         self.vae = dict(vae) if vae is not None else None  # {"kind": "wan_vae", "path", "config"} | {"kind": "tiny_vae", "seed"}
@@ -68,9 +69,11 @@ class DistributedSampler:
         if isinstance(r, TableRopeOffsets):
             table = [[[int(v) for v in steps] for steps in blocks] for blocks in r.table]
         else:  # any other pure function of (clip, block, step): tabulate it here
-            cfg = self.cfg
-            table = [[[int(r(c, b, s)) for s in range(cfg.steps)] for b in range(cfg.blocks_per_clip)] for c in range(num_clips)]
+            table = self.schedule(num_clips).rd_table()
         return {"kind": "table", "table": torch.tensor(table, dtype=torch.int64)}
+
+    def schedule(self, num_clips: int):
+        return schedule(self.cfg, num_clips, self.seed, self.rope_offsets)
 
     def job(self, num_clips: int) -> dict:
         cfg = self.cfg
@@ -95,10 +98,9 @@ class DistributedSampler:
         return job
 
     def blocks(self, num_clips: int) -> Iterator[BlockOutput]:
-        cfg = self.cfg
         if self.pool.options.decode_rank:
             raise ValueError("this pool has a decode rank: it streams frames (use frames(), e.g. VideoStream(frame_source=...))")
-        expected = iter([(c, b) for c in range(num_clips) for b in range(cfg.blocks_per_clip)])
+        expected = (plan.where for plan in self.schedule(num_clips))
         self.stats = {}
         for msg in self.pool.run(self.job(num_clips), self.check_cancel):
             where = (int(msg["clip"]), int(msg["block"]))
@@ -110,13 +112,12 @@ class DistributedSampler:
 
     def frames(self, num_clips: int) -> Iterator[FrameChunk]:
         """The decoded video from the pool's decode rank, one ``FrameChunk`` per block in (clip, block) order."""
-        cfg = self.cfg
         if not self.pool.options.decode_rank:
             raise ValueError("frames() needs a pool with a decode rank (PoolOptions(decode_rank=True))")
         if self.vae is None:
             raise ValueError("frames() needs the VAE spec (DistributedSampler(..., vae={'kind': ...}))")
-        order = [(c, b) for c in range(num_clips) for b in range(cfg.blocks_per_clip)]
-        expected = iter(order)
+        plan = self.schedule(num_clips)
+        expected = (p.where for p in plan)
         self.stats = {}
         first = 0
         for done, msg in enumerate(self.pool.run(self.job(num_clips), self.check_cancel), start=1):
@@ -125,6 +126,6 @@ class DistributedSampler:
             if where != want or int(msg["first_frame"]) != first:
                 raise RuntimeError(f"decode rank delivered block {where} at frame {msg['first_frame']}, expected {want} at {first}")
             frames = msg["frames"]
-            yield FrameChunk(frames, first, where[0], where[1], done, len(order))
+            yield FrameChunk(frames, first, where[0], where[1], done, len(plan))
             first += frames.shape[0]
         self.stats = self.pool.last_stats

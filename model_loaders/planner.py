@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..liveavatar.config import DiTConfig, SamplerConfig
+from ..liveavatar.schedule import assign_steps
 from .placement import PlacementConfig, dtype_name
 
 GiB = 1024**3
@@ -535,7 +536,7 @@ def plan_memory(
     steps = scfg.steps
     if mode == "tpp":
         dit_ranks = min(world_size, steps)
-        per = [steps // dit_ranks + (1 if r < steps % dit_ranks else 0) for r in range(dit_ranks)]
+        per = [len(run) for run in assign_steps(steps, dit_ranks)]  # the ranks' step split (liveavatar/schedule.py)
         devices = []
         decode_rank = world_size > steps
         most = max(per)
