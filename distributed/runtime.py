@@ -52,7 +52,6 @@ from ..liveavatar.sampler import (
     StepWorker,
     StreamingSampler,
     TableRopeOffsets,
-    TensorAudio,
     clip_noise,
     flow_schedule,
 )
@@ -161,7 +160,8 @@ def advised_env(env: dict) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- channel
 class Inbox:
-    """Reads the parent's messages on a thread: cancels are flagged at once, the rest queued.
+    """Reads the parent's messages on a thread: cancels are flagged at once, per-block audio goes to its
+    own queue (``FedAudio`` takes it), the rest is queued.
 
     The channel closing (parent gone) ends the process; so does the parent's PID vanishing.
     """
@@ -169,6 +169,10 @@ class Inbox:
     def __init__(self, conn: protocol.Connection, parent_pid: int | None):
         self.conn = conn
         self.messages: queue.Queue = queue.Queue()
+        self.audio: queue.Queue = queue.Queue()
+        self.audio_bytes = 0  # bytes of audio features received and not yet taken
+        self.audio_peak = 0  # the most that was held at once (reset per job)
+        self._audio_lock = threading.Lock()
         self.cancelled: set[int] = set()
         self.closing = False
         threading.Thread(target=self._read, name="liveavatar-inbox", daemon=True).start()
@@ -186,6 +190,12 @@ class Inbox:
             if msg["type"] == "cancel":
                 self.cancelled.add(int(msg["job"]))
                 continue
+            if msg["type"] == "audio":
+                with self._audio_lock:
+                    self.audio_bytes += _nbytes(msg)
+                    self.audio_peak = max(self.audio_peak, self.audio_bytes)
+                self.audio.put(msg)
+                continue
             if msg["type"] == "shutdown":
                 self.closing = True
             self.messages.put(msg)
@@ -200,6 +210,43 @@ class Inbox:
 
     def get(self) -> dict:
         return self.messages.get()
+
+    def take_audio(self, timeout: float) -> dict:
+        """The next per-block audio message (``queue.Empty`` after ``timeout`` s)."""
+        msg = self.audio.get(timeout=timeout)
+        with self._audio_lock:
+            self.audio_bytes -= _nbytes(msg)
+        return msg
+
+
+def _nbytes(msg: dict) -> int:
+    features = msg.get("features")
+    return features.numel() * features.element_size() if torch.is_tensor(features) else 0
+
+
+class FedAudio:
+    """The ``AudioSource`` of a running job on a rank: each block's features as the parent feeds them
+    (``WorkerPool.run(..., feed=...)``), taken in schedule order; nothing of the track is kept."""
+
+    def __init__(self, inbox: Inbox, job_id: int, timeout_s: float):
+        self.inbox, self.job_id, self.timeout_s = inbox, job_id, timeout_s
+        self.received = 0  # bytes taken during this job
+
+    def frames(self, start: int, stop: int) -> torch.Tensor:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                msg = self.inbox.take_audio(max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"job {self.job_id}: no audio for video frames [{start}, {stop}) "
+                                   f"from the parent within {self.timeout_s:.0f} s") from None
+            if int(msg["job"]) != self.job_id:
+                continue  # left over from a job that stopped early
+            if (int(msg["start"]), int(msg["stop"])) != (start, stop):
+                raise RuntimeError(f"job {self.job_id}: the parent sent audio for video frames "
+                                   f"[{msg['start']}, {msg['stop']}), this block needs [{start}, {stop})")
+            self.received += _nbytes(msg)
+            return msg["features"]
 
 
 def _alive(pid: int) -> bool:
@@ -220,11 +267,12 @@ def _alive(pid: int) -> bool:
 class Job:
     """Decoded job inputs (all on the CPU as they came over the channel)."""
 
-    def __init__(self, msg: dict):
+    def __init__(self, msg: dict, inbox: Inbox, timeout_s: float = 300.0):
         self.id = int(msg["job"])
         self.cfg = sampler_config(msg["cfg"])
         self.text = msg["text"]
-        self.audio = TensorAudio(msg["audio"])
+        self.audio = FedAudio(inbox, self.id, timeout_s)  # per block, in schedule order
+        inbox.audio_peak = inbox.audio_bytes
         self.sink = SinkInputs(msg["ref_latent"], msg["motion_latents"])
         self.seed = int(msg["seed"])
         self.num_clips = int(msg["num_clips"])
@@ -533,9 +581,10 @@ def serve() -> None:
                 break
             if msg["type"] != "job":
                 raise RuntimeError(f"unexpected message {msg['type']}")
-            job = Job(msg)
+            job = Job(msg, inbox, float(init["collective_timeout_s"]))
             stats = rank_impl.run(job, inbox, conn)
             inbox.cancelled.discard(job.id)
+            stats.update(audio_bytes_received=job.audio.received, audio_bytes_peak=inbox.audio_peak)
             conn.send({"type": "done", "job": job.id, "rank": rank, "stats": stats})
     except BaseException:
         when = time.time()  # the parent reports the earliest failure as the cause
