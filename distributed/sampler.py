@@ -27,6 +27,7 @@ from ..liveavatar.sampler import (
     SeededRopeOffsets,
     SinkInputs,
     TableRopeOffsets,
+    default_rope_offsets,
     schedule,
 )
 from ..liveavatar.pipeline import FrameChunk
@@ -57,7 +58,7 @@ class DistributedSampler:
             raise ValueError("distributed runs always use the TPP clip-1 sink rule (clip 0's first latent)")
         self.pool = pool if isinstance(pool, WorkerPool) else shared_pool(pool)
         self.cfg, self.text, self.audio, self.sink, self.seed = cfg, text, audio, sink, seed
-        self.rope_offsets = schedule(cfg, 0, seed, rope_offsets).rope_offsets  # the schedule's default rd
+        self.rope_offsets = rope_offsets or default_rope_offsets(cfg, seed)
         self.noise = noise
         self.check_cancel = check_cancel
         self.vae = dict(vae) if vae is not None else None  # {"kind": "wan_vae", "path", "config"} | {"kind": "tiny_vae", "seed"}

@@ -27,6 +27,7 @@ from .schedule import (  # noqa: F401 - the determinism contract lives there; re
     SinkAction,
     TableRopeOffsets,
     clip_noise,
+    default_rope_offsets,
     reference_rope_frame,
     schedule,
 )
@@ -153,7 +154,7 @@ class StreamingSampler:
         cfg.validate()
         self.model, self.cfg, self.audio, self.sink, self.seed = model, cfg, audio, sink, seed
         self.text = text if isinstance(text, TextContext) else model.embed_text(text)
-        self.rope_offsets = schedule(cfg, 0, seed, rope_offsets).rope_offsets  # the schedule's default rd
+        self.rope_offsets = rope_offsets or default_rope_offsets(cfg, seed)
         c, _, self.h, self.w = sink.ref_latent.shape
         self.latent_channels = c
         self.noise = noise or (lambda clip: clip_noise(seed, clip, (c, cfg.latent_frames_per_clip, self.h, self.w)))

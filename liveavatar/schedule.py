@@ -65,6 +65,11 @@ class TableRopeOffsets:
         return int(self.table[clip][block][step])
 
 
+def default_rope_offsets(cfg: SamplerConfig, seed: int) -> SeededRopeOffsets:
+    """The rd a run draws unless offsets are injected."""
+    return SeededRopeOffsets(seed, *cfg.rope_offset_range)
+
+
 def clip_noise(seed: int, clip: int, shape: Sequence[int]) -> torch.Tensor:
     """Clip r's initial noise: CPU generator seeded seed + r, so every device and mode agree."""
     return torch.randn(*shape, generator=torch.Generator("cpu").manual_seed(seed + clip))
@@ -188,8 +193,8 @@ class Schedule:
 
 
 def schedule(cfg: SamplerConfig, num_clips: int, seed: int, rope_offsets: RopeOffsets | None = None) -> Schedule:
-    """The run's plan; rd defaults to ``SeededRopeOffsets(seed, *cfg.rope_offset_range)``."""
+    """The run's plan; rd defaults to ``default_rope_offsets(cfg, seed)``."""
     cfg.validate()
     if num_clips < 0:
         raise ValueError(f"num_clips must be >= 0, got {num_clips}")
-    return Schedule(cfg, int(num_clips), int(seed), rope_offsets or SeededRopeOffsets(seed, *cfg.rope_offset_range))
+    return Schedule(cfg, int(num_clips), int(seed), rope_offsets or default_rope_offsets(cfg, seed))
