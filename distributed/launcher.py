@@ -21,8 +21,11 @@ head's local rank 0 publishes its address and token in torchrun's store, where t
 machines' ranks read them (they have no parent PID to watch; they stop on channel EOF,
 TCP keepalive included). The parent only signals processes on its own machine.
 
-``pool.run(job, check_cancel)`` streams the job's block messages; ``DistributedSampler``
-(``distributed/sampler.py``) wraps it in the engine's sampler interface.
+``pool.run(job, check_cancel, feed)`` streams the job's block messages; ``DistributedSampler``
+(``distributed/sampler.py``) wraps it in the engine's sampler interface. Per-block inputs (each
+block's audio features) are not in the job: ``feed(g)`` makes block g's message, sent to the DiT
+ranks at most ``feed_ahead`` blocks ahead of the blocks delivered, so what a rank holds (and what
+the parent computes) stays flat in the video's length.
 """
 from __future__ import annotations
 
@@ -514,6 +517,31 @@ class WorkerPool:
         for rank in sorted(self._conns):
             self._conns[rank].send(message)
 
+    def _dit_ranks(self) -> list[int]:
+        """The ranks that run the DiT (all but a tpp decode rank, which is the last)."""
+        ranks = sorted(self._conns)
+        return ranks[:-1] if self.options.decode_rank and self.options.mode == "tpp" else ranks
+
+    def feed_ahead(self) -> int:
+        """Blocks the DiT ranks may hold beyond the delivered ones: a tpp rank runs ahead of the next by up
+        to ~2 blocks (one in flight, one sent), so 2 per rank keeps the pipeline full."""
+        return 2 * self.world + 2
+
+    def _feed(self, job_id: int, feed: Callable[[int], dict] | None, state: dict, delivered: int, doing: str) -> None:
+        """Send the per-block messages up to ``delivered + feed_ahead`` (``state["next"]``: the next to send)."""
+        if feed is None:
+            return
+        upto = min(state["total"], delivered + self.feed_ahead())
+        while state["next"] < upto:
+            message = {**feed(state["next"]), "job": job_id}
+            data = protocol.frame(message)
+            try:
+                for rank in self._dit_ranks():
+                    self._conns[rank].send_raw(data)
+            except OSError:  # a rank's channel is gone: report that rank's failure, not the pipe
+                self._fail(doing)
+            state["next"] += 1
+
     def _log_tail(self) -> str:
         if self._dir is None:
             return ""
@@ -614,8 +642,12 @@ class WorkerPool:
         return (-code, None) if code < 0 else (None, code)
 
     # ------------------------------------------------------------------ jobs
-    def run(self, job: dict, check_cancel: Callable[[], None] | None = None, poll_s: float = 0.05) -> Iterator[dict]:
+    def run(self, job: dict, check_cancel: Callable[[], None] | None = None, poll_s: float = 0.05,
+            feed: Callable[[int], dict] | None = None) -> Iterator[dict]:
         """Send ``job`` to every rank; yield its ``block`` messages in arrival order.
+
+        ``feed(g)``: block g's per-block message (e.g. ``{"type": "audio", ...}``), sent to the DiT ranks
+        while the job runs, ``feed_ahead()`` blocks ahead of the blocks delivered.
 
         ``check_cancel`` is polled while waiting; when it raises, every rank is told to stop
         at the next agreed block, the pool is drained (stays warm) and the exception is
@@ -630,11 +662,13 @@ class WorkerPool:
             done: dict[int, dict] = {}
             interrupt: BaseException | None = None
             finished = False
+            fed = {"next": 0, "total": job_blocks(job), "delivered": 0}
             try:
                 bound = reply_bound(job)
                 for conn in self._conns.values():
                     conn.limit = bound
                 self._send_all({**job, "type": "job", "job": job_id})
+                self._feed(job_id, feed, fed, 0, "running")
                 while len(done) < self.world:
                     if interrupt is None and check_cancel is not None:
                         try:
@@ -645,6 +679,9 @@ class WorkerPool:
                     rank, msg = self._next(poll_s, "running")
                     if msg is None or msg.get("job") != job_id:
                         continue
+                    if msg["type"] == "block":
+                        fed["delivered"] += 1
+                        self._feed(job_id, feed, fed, fed["delivered"], "running")
                     if msg["type"] == "block" and interrupt is None:
                         yield msg
                     elif msg["type"] == "done":
@@ -655,7 +692,7 @@ class WorkerPool:
                     raise interrupt
             except GeneratorExit:  # the consumer stopped early: stop the ranks, keep the pool
                 if not finished:
-                    self._drain(job_id, done)
+                    self._drain(job_id, done, lambda: self._feed(job_id, feed, fed, fed["delivered"], "stopping"), fed)
             except WorkerError:
                 self._teardown()
                 raise
@@ -667,7 +704,8 @@ class WorkerPool:
                 self._busy = False
                 self._last_used = time.monotonic()
 
-    def _drain(self, job_id: int, done: dict) -> None:
+    def _drain(self, job_id: int, done: dict, top_up: Callable[[], None] = lambda: None, fed: dict | None = None) -> None:
+        """Stop the job's ranks and wait for their ``done``; blocks still finishing keep getting their inputs."""
         try:
             self._send_all({"type": "cancel", "job": job_id})
             deadline = time.monotonic() + self.options.collective_timeout_s
@@ -675,6 +713,9 @@ class WorkerPool:
                 rank, msg = self._next(0.1, "stopping")
                 if msg is not None and msg.get("job") == job_id and msg["type"] == "done":
                     done[rank] = msg["stats"]
+                elif msg is not None and msg.get("job") == job_id and msg["type"] == "block" and fed is not None:
+                    fed["delivered"] += 1
+                    top_up()
             if len(done) < self.world:
                 self._teardown()
             self.last_stats = done
@@ -686,6 +727,13 @@ class WorkerPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def job_blocks(job: dict) -> int:
+    """Blocks in ``job`` (clips x blocks per clip)."""
+    cfg = job["cfg"]
+    nf, stride = int(cfg["latent_frames_per_block"]), int(cfg["vae_temporal_stride"])
+    return int(job["num_clips"]) * (int(cfg["frames_per_clip"]) // stride // nf)
 
 
 def reply_bound(job: dict) -> int:
@@ -701,7 +749,7 @@ def reply_bound(job: dict) -> int:
     cfg = job["cfg"]
     c, _, h, w = job["ref_latent"].shape
     nf, stride = int(cfg["latent_frames_per_block"]), int(cfg["vae_temporal_stride"])
-    blocks = int(job["num_clips"]) * (int(cfg["frames_per_clip"]) // stride // nf)
+    blocks = job_blocks(job)
     largest = c * nf * h * w * 4
     if job.get("vae") is not None:
         largest = max(largest, (nf * stride + stride) * (16 * h) * (16 * w) * 3)

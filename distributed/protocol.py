@@ -16,7 +16,9 @@ from the job), and ``decode`` refuses compressed zip entries, so no message infl
 memory a peer can cost is the size of the frame it actually sent.
 
 Message types (``msg["type"]``):
-  parent -> rank: ``init`` (pool config), ``job``, ``cancel``, ``shutdown``
+  parent -> rank: ``init`` (pool config), ``job``, ``audio`` (one block's features ``[1, L, D, frames]``
+                  with its ``index`` and video frames ``[start, stop)``, sent to the DiT ranks a bounded number
+                  of blocks ahead: a job never carries the whole track), ``cancel``, ``shutdown``
   rank -> parent: ``hello``, ``ready``, ``block`` (clean latents, or a decode rank's uint8 frames; also the progress),
                   ``done`` (per-rank stats; ``stopped_at`` when cancelled), ``error``
 """
@@ -37,8 +39,8 @@ TOKEN_BYTES = 32  # secrets.token_hex(16)
 AUTH_FRAME = len(MAGIC) + TOKEN_BYTES  # the raw frame read (and compared) before anything is decoded
 HELLO_MAX = 4096  # a hello is a few small fields; its torch.save zip is ~1.5 KiB
 CONTROL_MAX = 1 << 20  # ready / done / error / init / cancel: plain data and tracebacks (4 KiB tails)
-# Messages from the parent (jobs carry the whole audio, and injected noise for every clip): the parent
-# is the one peer a rank dialled itself, so this is a sanity cap, configurable for very long jobs.
+# Messages from the parent (a job carries injected noise for every clip when a test injects it; audio comes
+# per block): the parent is the one peer a rank dialled itself, so this is a sanity cap, configurable.
 FROM_PARENT_MAX = int(os.environ.get("LIVEAVATAR_CHANNEL_MAX_JOB_BYTES", str(64 << 30)))
 
 ENV_CHANNEL = "LIVEAVATAR_CHANNEL"  # "unix:<path>" or "tcp:<host>:<port>"

@@ -52,10 +52,10 @@ from ..liveavatar.sampler import (
     StepWorker,
     StreamingSampler,
     TableRopeOffsets,
-    TensorAudio,
     clip_noise,
     flow_schedule,
 )
+from ..liveavatar.schedule import SinkAction, assign_steps, schedule  # noqa: F401 - assign_steps: re-exported
 from . import protocol
 from .sharding import HeadSplit, parameter_bytes, shard_model
 
@@ -63,19 +63,6 @@ EXIT_PARENT_GONE = 3
 TRACEBACK_TAIL = 4000
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-def assign_steps(steps: int, world: int) -> list[list[int]]:
-    """Contiguous runs of steps per rank; earlier ranks take one more when it does not divide."""
-    if not 1 <= world <= steps:
-        raise ValueError(f"tpp needs between 1 and {steps} ranks for {steps} steps, got {world}")
-    base, extra = divmod(steps, world)
-    out, start = [], 0
-    for rank in range(world):
-        n = base + (rank < extra)
-        out.append(list(range(start, start + n)))
-        start += n
-    return out
 
 
 def sampler_config(raw: dict) -> SamplerConfig:
@@ -173,7 +160,8 @@ def advised_env(env: dict) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- channel
 class Inbox:
-    """Reads the parent's messages on a thread: cancels are flagged at once, the rest queued.
+    """Reads the parent's messages on a thread: cancels are flagged at once, per-block audio goes to its
+    own queue (``FedAudio`` takes it), the rest is queued.
 
     The channel closing (parent gone) ends the process; so does the parent's PID vanishing.
     """
@@ -181,6 +169,10 @@ class Inbox:
     def __init__(self, conn: protocol.Connection, parent_pid: int | None):
         self.conn = conn
         self.messages: queue.Queue = queue.Queue()
+        self.audio: queue.Queue = queue.Queue()
+        self.audio_bytes = 0  # bytes of audio features received and not yet taken
+        self.audio_peak = 0  # the most that was held at once (reset per job)
+        self._audio_lock = threading.Lock()
         self.cancelled: set[int] = set()
         self.closing = False
         threading.Thread(target=self._read, name="liveavatar-inbox", daemon=True).start()
@@ -198,6 +190,12 @@ class Inbox:
             if msg["type"] == "cancel":
                 self.cancelled.add(int(msg["job"]))
                 continue
+            if msg["type"] == "audio":
+                with self._audio_lock:
+                    self.audio_bytes += _nbytes(msg)
+                    self.audio_peak = max(self.audio_peak, self.audio_bytes)
+                self.audio.put(msg)
+                continue
             if msg["type"] == "shutdown":
                 self.closing = True
             self.messages.put(msg)
@@ -212,6 +210,43 @@ class Inbox:
 
     def get(self) -> dict:
         return self.messages.get()
+
+    def take_audio(self, timeout: float) -> dict:
+        """The next per-block audio message (``queue.Empty`` after ``timeout`` s)."""
+        msg = self.audio.get(timeout=timeout)
+        with self._audio_lock:
+            self.audio_bytes -= _nbytes(msg)
+        return msg
+
+
+def _nbytes(msg: dict) -> int:
+    features = msg.get("features")
+    return features.numel() * features.element_size() if torch.is_tensor(features) else 0
+
+
+class FedAudio:
+    """The ``AudioSource`` of a running job on a rank: each block's features as the parent feeds them
+    (``WorkerPool.run(..., feed=...)``), taken in schedule order; nothing of the track is kept."""
+
+    def __init__(self, inbox: Inbox, job_id: int, timeout_s: float):
+        self.inbox, self.job_id, self.timeout_s = inbox, job_id, timeout_s
+        self.received = 0  # bytes taken during this job
+
+    def frames(self, start: int, stop: int) -> torch.Tensor:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                msg = self.inbox.take_audio(max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"job {self.job_id}: no audio for video frames [{start}, {stop}) "
+                                   f"from the parent within {self.timeout_s:.0f} s") from None
+            if int(msg["job"]) != self.job_id:
+                continue  # left over from a job that stopped early
+            if (int(msg["start"]), int(msg["stop"])) != (start, stop):
+                raise RuntimeError(f"job {self.job_id}: the parent sent audio for video frames "
+                                   f"[{msg['start']}, {msg['stop']}), this block needs [{start}, {stop})")
+            self.received += _nbytes(msg)
+            return msg["features"]
 
 
 def _alive(pid: int) -> bool:
@@ -232,26 +267,25 @@ def _alive(pid: int) -> bool:
 class Job:
     """Decoded job inputs (all on the CPU as they came over the channel)."""
 
-    def __init__(self, msg: dict):
+    def __init__(self, msg: dict, inbox: Inbox, timeout_s: float = 300.0):
         self.id = int(msg["job"])
         self.cfg = sampler_config(msg["cfg"])
         self.text = msg["text"]
-        self.audio = TensorAudio(msg["audio"])
+        self.audio = FedAudio(inbox, self.id, timeout_s)  # per block, in schedule order
+        inbox.audio_peak = inbox.audio_bytes
         self.sink = SinkInputs(msg["ref_latent"], msg["motion_latents"])
         self.seed = int(msg["seed"])
         self.num_clips = int(msg["num_clips"])
         self.rope = rope_from_job(msg["rope"])
         self.noise_table = msg.get("noise")
         self.vae = msg.get("vae")
+        self.schedule = schedule(self.cfg, self.num_clips, self.seed, self.rope)  # the order every rank follows
 
     def noise(self, clip: int) -> torch.Tensor:
         if self.noise_table is not None:
             return self.noise_table[clip]
         c, _, h, w = self.sink.ref_latent.shape
         return clip_noise(self.seed, clip, (c, self.cfg.latent_frames_per_clip, h, w))
-
-    def order(self) -> list[tuple[int, int]]:
-        return [(c, b) for c in range(self.num_clips) for b in range(self.cfg.blocks_per_clip)]
 
 
 class TPPRank:
@@ -275,10 +309,10 @@ class TPPRank:
         c, _, h, w = job.sink.ref_latent.shape
         nf = cfg.latent_frames_per_block
         storage = CacheStorage(device=model.device, dtype=model.dtype)
-        schedule = flow_schedule(cfg)
+        levels = flow_schedule(cfg)
         cond = model.new_cond_cache(h, w, storage)
         workers = [
-            StepWorker(model, cfg, s, text, model.new_kv_cache(h, w, cfg.latent_frames_per_clip, storage), cond, schedule)
+            StepWorker(model, cfg, s, text, model.new_kv_cache(h, w, cfg.latent_frames_per_clip, storage), cond, levels)
             for s in steps
         ]
         pending: list = []  # outstanding isends (tensors kept alive by their works)
@@ -287,7 +321,8 @@ class TPPRank:
         stopped_at = None
         times = []
         noise = None
-        for g, (clip, block) in enumerate(job.order()):
+        for plan in job.schedule:
+            g, clip, block = plan.index, plan.clip, plan.block
             # 1. the stop decision runs down the chain before anything else of block g
             if rank == 0:
                 stop = job.id in inbox.cancelled
@@ -302,9 +337,9 @@ class TPPRank:
                 stopped_at = (clip, block)
                 break
             # 2. sinks: prefill at clip 0; clip 1 takes clip 0's first latent from the last rank
-            if clip == 0 and block == 0:
+            if plan.sink is SinkAction.PREFILL:
                 workers[0].prefill(job.sink)
-            elif clip == 1 and block == 0:
+            elif plan.sink is SinkAction.REFRESH:
                 ref = first_block[:, :1].contiguous() if rank == last else torch.empty(c, 1, h, w)
                 ref = ref.to(self.comm)
                 dist.broadcast(ref, src=last)
@@ -313,19 +348,17 @@ class TPPRank:
             if rank == 0:
                 if block == 0:
                     noise = job.noise(clip)
-                x = noise[:, block * nf : (block + 1) * nf].to(model.device, torch.float32)
+                x = noise[:, plan.noise_slice].to(model.device, torch.float32)
             else:
                 x = torch.empty(c, nf, h, w, dtype=torch.float32, device=self.comm)
                 dist.recv(x, src=prev, tag=_tag(g, 1))
                 x = x.to(model.device)
             t0 = time.time()
-            frame_start = clip * cfg.latent_frames_per_clip + block * nf
-            video_start = frame_start * cfg.vae_temporal_stride
-            audio = job.audio.frames(video_start, video_start + cfg.frames_per_block)
+            audio = job.audio.frames(plan.audio_start, plan.audio_stop)
             for worker in workers:
-                x = worker(x, frame_start, audio, job.rope(clip, block, worker.step))
+                x = worker(x, plan.frame_start, audio, plan.rd(worker.step))
             times.append((clip, block, t0, time.time()))
-            if rank == last and clip == 0 and block == 0:
+            if rank == last and plan.refresh_source:
                 first_block = x
             if not chained:
                 conn.send({"type": "block", "job": job.id, "clip": clip, "block": block, "latents": x.cpu()})
@@ -383,13 +416,14 @@ class DecodeRank:
         c, _, h, w = job.sink.ref_latent.shape
         nf = cfg.latent_frames_per_block
         times, stopped_at, first = [], None, 0
-        for g, (clip, block) in enumerate(job.order()):
+        for plan in job.schedule:
+            g, clip, block = plan.index, plan.clip, plan.block
             ctrl = torch.empty(2, dtype=torch.int64, device=self.comm)
             dist.recv(ctrl, src=prev, tag=_tag(g, 0))
             if bool(ctrl[1].item()):
                 stopped_at = (clip, block)
                 break
-            if clip == 1 and block == 0:  # the sink broadcast is collective: take part, keep nothing
+            if plan.sink is SinkAction.REFRESH:  # the sink broadcast is collective: take part, keep nothing
                 dist.broadcast(torch.empty(c, 1, h, w, device=self.comm), src=prev)
             x = torch.empty(c, nf, h, w, dtype=torch.float32, device=self.comm)
             dist.recv(x, src=prev, tag=_tag(g, 1))
@@ -438,7 +472,6 @@ class SPRank:
         text = model.embed_text(job.text)
         storage = CacheStorage(device=model.device, dtype=model.dtype, heads=(self.backend.start, self.backend.stop))
         counter = {"n": 0, "g": 0}
-        order = job.order()
 
         def check_cancel():  # called before every step: the ranks agree on each, so all stop within one DiT call
             n = counter["n"]
@@ -447,7 +480,7 @@ class SPRank:
             flag = torch.tensor([int(rank == 0 and job.id in inbox.cancelled)], device=self.comm)
             dist.broadcast(flag, src=0)
             if flag.item():
-                raise Cancelled(f"cancelled at {order[counter['g']]}")
+                raise Cancelled(f"cancelled at {job.schedule.block_at(counter['g']).where}")
 
         sampler = StreamingSampler(
             model, cfg, text, job.audio, job.sink, job.seed, rope_offsets=job.rope,
@@ -463,7 +496,7 @@ class SPRank:
                 between.append(parameter_bytes(model, self.units))
                 tick = time.time()
         except Cancelled:
-            stopped_at = order[counter["g"]]
+            stopped_at = job.schedule.block_at(counter["g"]).where
         return {
             "steps": list(range(cfg.steps)),
             "heads": (self.backend.start, self.backend.stop),
@@ -548,9 +581,10 @@ def serve() -> None:
                 break
             if msg["type"] != "job":
                 raise RuntimeError(f"unexpected message {msg['type']}")
-            job = Job(msg)
+            job = Job(msg, inbox, float(init["collective_timeout_s"]))
             stats = rank_impl.run(job, inbox, conn)
             inbox.cancelled.discard(job.id)
+            stats.update(audio_bytes_received=job.audio.received, audio_bytes_peak=inbox.audio_peak)
             conn.send({"type": "done", "job": job.id, "rank": rank, "stats": stats})
     except BaseException:
         when = time.time()  # the parent reports the earliest failure as the cause

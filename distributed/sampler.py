@@ -7,8 +7,10 @@ With a pool that has a decode rank (``PoolOptions(decode_rank=True)``), ``frames
 yields the decoded ``FrameChunk``s instead (``VideoStream(..., frame_source=s.frames)``);
 the VAE spec given as ``vae`` travels with the job and the parent decodes nothing.
 Inputs cross the channel as tensors and plain data: the text context [L, text_dim]
-(embedded on the workers), the audio features, the sink inputs, the seed, the settings,
-and the rd offsets and noise as data when they are injected.
+(embedded on the workers), the sink inputs, the seed, the settings, and the rd offsets and
+noise as data when they are injected. The audio features go block by block (``feed``), a
+bounded number of blocks ahead of the delivered ones, so neither the parent nor a rank ever
+holds the whole track's features for a job.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from ..liveavatar.sampler import (
     SeededRopeOffsets,
     SinkInputs,
     TableRopeOffsets,
-    TensorAudio,
+    default_rope_offsets,
+    schedule,
 )
 from ..liveavatar.pipeline import FrameChunk
 from .launcher import PoolOptions, WorkerPool, shared_pool
@@ -55,7 +58,7 @@ class DistributedSampler:
             raise ValueError("distributed runs always use the TPP clip-1 sink rule (clip 0's first latent)")
         self.pool = pool if isinstance(pool, WorkerPool) else shared_pool(pool)
         self.cfg, self.text, self.audio, self.sink, self.seed = cfg, text, audio, sink, seed
-        self.rope_offsets = rope_offsets or SeededRopeOffsets(seed, *cfg.rope_offset_range)
+        self.rope_offsets = rope_offsets or default_rope_offsets(cfg, seed)
         self.noise = noise
         self.check_cancel = check_cancel
         self.vae = dict(vae) if vae is not None else None  # {"kind": "wan_vae", "path", "config"} | {"kind": "tiny_vae", "seed"}
@@ -68,20 +71,18 @@ class DistributedSampler:
         if isinstance(r, TableRopeOffsets):
             table = [[[int(v) for v in steps] for steps in blocks] for blocks in r.table]
         else:  # any other pure function of (clip, block, step): tabulate it here
-            cfg = self.cfg
-            table = [[[int(r(c, b, s)) for s in range(cfg.steps)] for b in range(cfg.blocks_per_clip)] for c in range(num_clips)]
+            table = self.schedule(num_clips).rd_table()
         return {"kind": "table", "table": torch.tensor(table, dtype=torch.int64)}
 
+    def schedule(self, num_clips: int):
+        return schedule(self.cfg, num_clips, self.seed, self.rope_offsets)
+
     def job(self, num_clips: int) -> dict:
+        """The job message: everything but the per-block audio (``feed``)."""
         cfg = self.cfg
-        if isinstance(self.audio, TensorAudio):
-            features = self.audio.features
-        else:
-            features = self.audio.frames(0, num_clips * cfg.frames_per_clip)
         job = {
             "cfg": dataclasses.asdict(cfg),
             "text": self.text.detach().cpu(),
-            "audio": features.detach().cpu(),
             "ref_latent": self.sink.ref_latent.detach().cpu(),
             "motion_latents": self.sink.motion_latents.detach().cpu(),
             "seed": int(self.seed),
@@ -94,13 +95,26 @@ class DistributedSampler:
             job["noise"] = torch.stack([self.noise(c).detach().cpu() for c in range(num_clips)])
         return job
 
+    def feed(self, num_clips: int) -> Callable[[int], dict]:
+        """Block g's message to the DiT ranks: its audio features, the frames its plan reads."""
+        plan = self.schedule(num_clips)
+
+        def block_audio(g: int) -> dict:
+            p = plan.block_at(g)
+            features = self.audio.frames(p.audio_start, p.audio_stop).detach().cpu().clone()  # no view of a track
+            return {"type": "audio", "index": g, "start": p.audio_start, "stop": p.audio_stop, "features": features}
+
+        return block_audio
+
+    def _run(self, num_clips: int) -> Iterator[dict]:
+        return self.pool.run(self.job(num_clips), self.check_cancel, feed=self.feed(num_clips))
+
     def blocks(self, num_clips: int) -> Iterator[BlockOutput]:
-        cfg = self.cfg
         if self.pool.options.decode_rank:
             raise ValueError("this pool has a decode rank: it streams frames (use frames(), e.g. VideoStream(frame_source=...))")
-        expected = iter([(c, b) for c in range(num_clips) for b in range(cfg.blocks_per_clip)])
+        expected = (plan.where for plan in self.schedule(num_clips))
         self.stats = {}
-        for msg in self.pool.run(self.job(num_clips), self.check_cancel):
+        for msg in self._run(num_clips):
             where = (int(msg["clip"]), int(msg["block"]))
             want = next(expected, None)
             if where != want:
@@ -110,21 +124,20 @@ class DistributedSampler:
 
     def frames(self, num_clips: int) -> Iterator[FrameChunk]:
         """The decoded video from the pool's decode rank, one ``FrameChunk`` per block in (clip, block) order."""
-        cfg = self.cfg
         if not self.pool.options.decode_rank:
             raise ValueError("frames() needs a pool with a decode rank (PoolOptions(decode_rank=True))")
         if self.vae is None:
             raise ValueError("frames() needs the VAE spec (DistributedSampler(..., vae={'kind': ...}))")
-        order = [(c, b) for c in range(num_clips) for b in range(cfg.blocks_per_clip)]
-        expected = iter(order)
+        plan = self.schedule(num_clips)
+        expected = (p.where for p in plan)
         self.stats = {}
         first = 0
-        for done, msg in enumerate(self.pool.run(self.job(num_clips), self.check_cancel), start=1):
+        for done, msg in enumerate(self._run(num_clips), start=1):
             where = (int(msg["clip"]), int(msg["block"]))
             want = next(expected, None)
             if where != want or int(msg["first_frame"]) != first:
                 raise RuntimeError(f"decode rank delivered block {where} at frame {msg['first_frame']}, expected {want} at {first}")
             frames = msg["frames"]
-            yield FrameChunk(frames, first, where[0], where[1], done, len(order))
+            yield FrameChunk(frames, first, where[0], where[1], done, len(plan))
             first += frames.shape[0]
         self.stats = self.pool.last_stats

@@ -6,20 +6,31 @@ soon as they are clean, so decode, progress, cancellation and other processes ca
 in between. ``StepWorker`` is the unit of work a pipeline rank runs; ``StreamingSampler``
 chains all steps in one process.
 
-Determinism contract: clip r's noise is ``randn(C, T, h, w)`` from a CPU generator seeded
-``seed + r``; the sink's RoPE offset rd of (clip, block, step) is a pure function of
-(seed, clip, block, step), never of the process that runs the step. Both are injectable.
+The clip/block/step order, the sink actions, the noise and audio slices and every rd come
+from ``schedule.py`` (its docstring states the determinism contract); this module only runs
+the plan.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol
 
 import torch
 
 from .config import SamplerConfig
 from .kv_cache import CacheStorage, CondCache, KVCache
+from .schedule import (  # noqa: F401 - the determinism contract lives there; re-exported for callers
+    BlockPlan,
+    RopeOffsets,
+    Schedule,
+    SeededRopeOffsets,
+    SinkAction,
+    TableRopeOffsets,
+    clip_noise,
+    default_rope_offsets,
+    reference_rope_frame,
+    schedule,
+)
 from .transformer import LiveAvatarTransformer, TextContext
 
 
@@ -58,50 +69,6 @@ class TensorAudio:
         return out
 
 
-class RopeOffsets(Protocol):
-    def __call__(self, clip: int, block: int, step: int) -> int: ...
-
-
-@dataclass(frozen=True)
-class SeededRopeOffsets:
-    """rd drawn uniformly from [low, high] by a generator seeded from (seed, clip, block, step)."""
-
-    seed: int
-    low: int
-    high: int
-
-    def __call__(self, clip: int, block: int, step: int) -> int:
-        return random.Random(f"liveavatar-rd/{self.seed}/{clip}/{block}/{step}").randint(self.low, self.high)
-
-
-@dataclass(frozen=True)
-class TableRopeOffsets:
-    """Injected offsets, indexed [clip][block][step] (e.g. recorded from another run)."""
-
-    table: Sequence[Sequence[Sequence[int]]]
-
-    @classmethod
-    def from_stream(cls, flat: Sequence[int], blocks_per_clip: int, steps: int) -> "TableRopeOffsets":
-        """Offsets listed in (clip, block, step) order, as a sequential loop consumes them."""
-        per_clip = blocks_per_clip * steps
-        if len(flat) % per_clip:
-            raise ValueError(f"{len(flat)} offsets do not fill whole clips of {blocks_per_clip} x {steps}")
-        return cls(
-            [
-                [list(flat[c * per_clip + b * steps : c * per_clip + (b + 1) * steps]) for b in range(blocks_per_clip)]
-                for c in range(len(flat) // per_clip)
-            ]
-        )
-
-    def __call__(self, clip: int, block: int, step: int) -> int:
-        return int(self.table[clip][block][step])
-
-
-def clip_noise(seed: int, clip: int, shape: Sequence[int]) -> torch.Tensor:
-    """Clip r's initial noise: CPU generator seeded seed + r, so every device and mode agree."""
-    return torch.randn(*shape, generator=torch.Generator("cpu").manual_seed(seed + clip))
-
-
 def flow_schedule(cfg: SamplerConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(timesteps [steps], sigmas [steps + 1]) float32 of the shifted flow-matching Euler schedule."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -109,15 +76,6 @@ def flow_schedule(cfg: SamplerConfig) -> tuple[torch.Tensor, torch.Tensor]:
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.num_train_timesteps, shift=cfg.shift)
     scheduler.set_timesteps(cfg.steps)
     return scheduler.timesteps.float().cpu(), scheduler.sigmas.float().cpu()
-
-
-def reference_rope_frame(cfg: SamplerConfig, frame_start: int, rd: int) -> int:
-    """Temporal RoPE position of the reference token for a block starting at latent frame F.
-
-    It stays at ``rope_ref_frame`` until the block comes within ``rope_ref_frame - rd``
-    frames of it, then keeps rd frames ahead.
-    """
-    return cfg.rope_ref_frame + max(0, frame_start - (cfg.rope_ref_frame - rd))
 
 
 class StepWorker:
@@ -196,7 +154,7 @@ class StreamingSampler:
         cfg.validate()
         self.model, self.cfg, self.audio, self.sink, self.seed = model, cfg, audio, sink, seed
         self.text = text if isinstance(text, TextContext) else model.embed_text(text)
-        self.rope_offsets = rope_offsets or SeededRopeOffsets(seed, *cfg.rope_offset_range)
+        self.rope_offsets = rope_offsets or default_rope_offsets(cfg, seed)
         c, _, self.h, self.w = sink.ref_latent.shape
         self.latent_channels = c
         self.noise = noise or (lambda clip: clip_noise(seed, clip, (c, cfg.latent_frames_per_clip, self.h, self.w)))
@@ -204,32 +162,32 @@ class StreamingSampler:
         self.check_cancel = check_cancel or (lambda: None)
         self.on_call = on_call or (lambda clip, block, step: None)
         storage = cache_storage or CacheStorage(device=model.device, dtype=model.dtype)
-        schedule = flow_schedule(cfg)
+        levels = flow_schedule(cfg)
         self.cond = model.new_cond_cache(self.h, self.w, storage)
         self.workers = [
-            StepWorker(model, cfg, i, self.text, model.new_kv_cache(self.h, self.w, cfg.latent_frames_per_clip, storage), self.cond, schedule)
+            StepWorker(model, cfg, i, self.text, model.new_kv_cache(self.h, self.w, cfg.latent_frames_per_clip, storage), self.cond, levels)
             for i in range(cfg.steps)
         ]
 
+    def schedule(self, num_clips: int) -> Schedule:
+        """The plan ``blocks`` follows (liveavatar/schedule.py)."""
+        return schedule(self.cfg, num_clips, self.seed, self.rope_offsets)
+
     def blocks(self, num_clips: int) -> Iterator[BlockOutput]:
-        cfg = self.cfg
-        nb, nf = cfg.blocks_per_clip, cfg.latent_frames_per_block
-        first_block = None
-        for clip in range(num_clips):
-            noise = self.noise(clip)
-            if clip == 0:
+        first_block, noise = None, None
+        for plan in self.schedule(num_clips):
+            if plan.block == 0:
+                noise = self.noise(plan.clip)
+            if plan.sink is SinkAction.PREFILL:
                 self.workers[0].prefill(self.sink)  # the cond store is shared by all steps
-            elif clip == 1:
+            elif plan.sink is SinkAction.REFRESH:
                 self.workers[0].prefill(self.sink_refresh(first_block))
-            for block in range(nb):
-                x = noise[:, block * nf : (block + 1) * nf].to(self.model.device, torch.float32)
-                frame_start = clip * cfg.latent_frames_per_clip + block * nf
-                video_start = frame_start * cfg.vae_temporal_stride
-                audio = self.audio.frames(video_start, video_start + cfg.frames_per_block)
-                for step, worker in enumerate(self.workers):
-                    self.check_cancel()
-                    x = worker(x, frame_start, audio, self.rope_offsets(clip, block, step))
-                    self.on_call(clip, block, step)
-                if clip == 0 and block == 0:
-                    first_block = x
-                yield BlockOutput(clip, block, x)
+            x = noise[:, plan.noise_slice].to(self.model.device, torch.float32)
+            audio = self.audio.frames(plan.audio_start, plan.audio_stop)
+            for step in plan.steps:
+                self.check_cancel()
+                x = self.workers[step.step](x, plan.frame_start, audio, step.rd)
+                self.on_call(plan.clip, plan.block, step.step)
+            if plan.refresh_source:
+                first_block = x
+            yield BlockOutput(plan.clip, plan.block, x)

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from ..liveavatar.config import DiTConfig, SamplerConfig
+from ..liveavatar.schedule import assign_steps
 from .placement import PlacementConfig, dtype_name
 
 GiB = 1024**3
@@ -667,11 +668,10 @@ class Layout:
         return out + (" --decode-rank" if self.decode_rank else "")
 
     def group_steps(self, steps: int) -> list[int]:
-        """Steps per step group: contiguous runs, earlier groups one more (``distributed.runtime.assign_steps``)."""
+        """Steps per step group: contiguous runs, earlier groups one more (``liveavatar.schedule.assign_steps``)."""
         if self.groups > steps:
             raise ValueError(f"tpp runs at most {steps} step groups for {steps} steps, got {self.groups}")
-        base, extra = divmod(steps, self.groups)
-        return [base + (g < extra) for g in range(self.groups)]
+        return [len(run) for run in assign_steps(steps, self.groups)]  # the schedule's own split
 
 
 # ---------------------------------------------------------------------------- the plan

@@ -9,6 +9,7 @@ from liveavatar_pack.liveavatar.kv_cache import CacheStorage
 from liveavatar_pack.liveavatar.sampler import (
     Cancelled,
     SeededRopeOffsets,
+    SinkAction,
     SinkInputs,
     StepWorker,
     StreamingSampler,
@@ -137,22 +138,20 @@ def test_step_workers_with_own_caches_equal_sampler(model):
                    model.new_cond_cache(H, W, storage), schedule)
         for i in range(cfg.steps)
     ]
-    out, first = [], None
-    for clip in range(3):
-        noise = inputs.noise(clip)
-        if clip < 2:
-            sink = inputs.sink if clip == 0 else inputs.sink_refresh(first)
+    out, first, noise = [], None, None
+    for plan in inputs.schedule(3):
+        if plan.block == 0:
+            noise = inputs.noise(plan.clip)
+        if plan.sink is not SinkAction.NONE:
+            sink = inputs.sink if plan.sink is SinkAction.PREFILL else inputs.sink_refresh(first)
             for worker in workers:
                 worker.prefill(sink)
-        for block in range(cfg.blocks_per_clip):
-            frame = clip * cfg.latent_frames_per_clip + block * cfg.latent_frames_per_block
-            video = frame * cfg.vae_temporal_stride
-            audio = inputs.audio.frames(video, video + cfg.frames_per_block)
-            x = noise[:, block * 3 : block * 3 + 3]
-            for step, worker in enumerate(workers):
-                x = worker(x, frame, audio, inputs.rope_offsets(clip, block, step))
-            first = x if first is None else first
-            out.append(x)
+        audio = inputs.audio.frames(plan.audio_start, plan.audio_stop)
+        x = noise[:, plan.noise_slice]
+        for step in plan.steps:
+            x = workers[step.step](x, plan.frame_start, audio, step.rd)
+        first = x if plan.refresh_source else first
+        out.append(x)
     assert len(out) == len(ref) and all(torch.equal(a, b) for a, b in zip(ref, out))
 
 
