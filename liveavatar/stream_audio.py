@@ -107,6 +107,11 @@ class StreamingFeatures:
 
     def frames(self, start: int, stop: int) -> torch.Tensor:
         """Features of video frames ``[start, stop)``; the audio up to ``samples_needed(stop)`` must be there."""
+        return self.encode(self.prepare(start, stop))
+
+    def prepare(self, start: int, stop: int) -> tuple:
+        """The normalised window and indices for ``frames`` (cheap; callers that share this object between
+        threads hold their lock for this part only and run :meth:`encode` outside it)."""
         i0, i1, lam, first, end = self._plan(start, stop)
         if end > self.length:
             raise ValueError(f"frames [{start}, {stop}) need {end} samples of audio, {self.length} received")
@@ -114,15 +119,18 @@ class StreamingFeatures:
             raise ValueError(f"frames [{start}, {stop}) need audio from sample {first}, dropped (kept from {self.base})")
         mean, std = self._stats(end)
         x = (self._buf[first - self.base:end - self.base] - mean) / std
+        self._drop_before(first)
+        return x, i0 - first // self.hop, i1 - first // self.hop, lam
+
+    def encode(self, prepared: tuple) -> torch.Tensor:
+        """wav2vec2 over a prepared window -> ``[1, L, D, n]`` (50 Hz -> per-frame linear interpolation)."""
+        x, k0, k1, lam = prepared
         param = next(self.encoder.parameters())
         with torch.inference_mode():
             out = self.encoder(torch.from_numpy(x)[None].to(param.device, param.dtype), output_hidden_states=True)
-        hidden = torch.cat(out.hidden_states).float().cpu()  # [L, T, D], local frame k = global first/hop + k
-        k0 = torch.from_numpy(i0 - first // self.hop)
-        k1 = torch.from_numpy(i1 - first // self.hop)
+        hidden = torch.cat(out.hidden_states).float().cpu()  # [L, T, D] over the window
         w = torch.from_numpy(lam)[None, :, None]
-        feats = hidden[:, k0] * (1 - w) + hidden[:, k1] * w  # [L, n, D]
-        self._drop_before(first)
+        feats = hidden[:, torch.from_numpy(k0)] * (1 - w) + hidden[:, torch.from_numpy(k1)] * w  # [L, n, D]
         return feats.permute(0, 2, 1)[None].contiguous()
 
     def _stats(self, end: int) -> tuple[float, float]:
