@@ -43,12 +43,14 @@ class Engine:
         self._refs: OrderedDict[str, SinkInputs] = OrderedDict()
         self._refs_lock = threading.Lock()
         self.sessions_started = 0
+        self.active = None  # the LiveSession holding the slot, if any
 
     # -- the slot ------------------------------------------------------------------------------------
     def try_acquire(self) -> bool:
         return self._slot.acquire(blocking=False)
 
     def release(self) -> None:
+        self.active = None
         self._slot.release()
 
     @property

@@ -101,6 +101,7 @@ class Connection:
             "block_ms": block_ms, "lookahead_ms": m.stream.lookahead_ms,
             "latency_floor_ms": block_ms + m.stream.lookahead_ms, "models": m.name,
         })
+        self.engine.active = self.session
         self.session.start()
         self.engine.sessions_started += 1
 
