@@ -320,6 +320,8 @@ def test_audio_at_8_and_96_khz_is_resampled_and_streams(server, engine, rate, ch
     assert not [m for m in msgs if m["type"] == "error"]
     blocks = [m for m in msgs if m["type"] == "block"]
     assert not blocks[0]["idle"] and blocks[0]["client_audio_s"] == 0.0
+    # the second sent at once was queued whole: real audio up to 1 s, silence padding only after it
+    assert [b["idle"] for b in blocks] == [b["audio_s"] >= 1.0 for b in blocks] and blocks[-1]["idle"]
     assert msgs[-1]["type"] == "end" and msgs[-1]["error"] is None
     _wait_idle(engine)
 
