@@ -15,7 +15,8 @@ def add_live_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", help="default reference image (with --models; the page can upload another)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--size", default=None, help="maximum pixel area W*H (default 128*128 with --demo, else 704*384)")
+    p.add_argument("--size", default=None,
+                   help="maximum pixel area W*H (default 64*64 with --demo: real time on a CPU; else 704*384)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--prompt", default="A person is talking to the camera.")
@@ -36,7 +37,7 @@ def build_engine(args: argparse.Namespace):
     try:
         stream.validate()
         if args.demo:
-            return Engine(demo_models(args.size or "128*128", args.seed, args.steps, stream=stream))
+            return Engine(demo_models(args.size or "64*64", args.seed, args.steps, stream=stream))
         if not args.image:
             raise ValueError("--models needs --image (the default reference image)")
         from ..liveavatar.image import load_reference_image, parse_size, to_pil
