@@ -263,4 +263,40 @@ class RunWorkflow:
         return 0 if files else 1
 
 
-ALL = [Info(), Demo(), Generate(), Plan(), TinyModels(), WorkerAgent(), RunWorkflow()]
+class Live:
+    """Serve a page and a WebSocket API: audio in as it arrives, the avatar's video with sound out as it is made."""
+
+    name = "live"
+
+    def register(self, sub: argparse._SubParsersAction) -> None:
+        from .live import add_live_arguments
+
+        p = sub.add_parser(self.name, help="live avatar server (page + WebSocket API)", description=self.__doc__)
+        add_live_arguments(p)
+        p.set_defaults(run=self.run)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from .live import run_live
+
+        return run_live(args)
+
+
+class LiveClient:
+    """Stream an audio file to a live server at real-time pace and save the received video with sound."""
+
+    name = "live-client"
+
+    def register(self, sub: argparse._SubParsersAction) -> None:
+        from .live import add_client_arguments
+
+        p = sub.add_parser(self.name, help="stream an audio file to `live` and save the MP4", description=self.__doc__)
+        add_client_arguments(p)
+        p.set_defaults(run=self.run)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from .live import run_client
+
+        return run_client(args)
+
+
+ALL = [Info(), Demo(), Generate(), Plan(), TinyModels(), WorkerAgent(), RunWorkflow(), Live(), LiveClient()]

@@ -1,0 +1,108 @@
+"""The models a live server holds, and the rule "one generation at a time" per engine."""
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..liveavatar.config import SamplerConfig
+from ..liveavatar.image import load_reference_image, resize_center_crop
+from ..liveavatar.pipeline import encode_reference
+from ..liveavatar.sampler import SinkInputs
+from ..liveavatar.stream_audio import StreamingAudioConfig, StreamingFeatures
+from ..liveavatar.transformer import TextContext
+
+
+@dataclass
+class LiveModels:
+    model: Any  # LiveAvatarTransformer
+    vae: Any  # WanVAE
+    audio_encoder: torch.nn.Module
+    text: TextContext | torch.Tensor
+    cfg: SamplerConfig
+    size: str  # maximum pixel area W*H
+    seed: int
+    image: Any  # default reference (PIL image or path)
+    name: str = "models"
+    stream: StreamingAudioConfig = field(default_factory=StreamingAudioConfig)
+
+
+class Engine:
+    """Holds the models; hands out the single generation slot; caches encoded references."""
+
+    def __init__(self, models: LiveModels):
+        self.models = models
+        if not isinstance(models.text, TextContext):
+            models.text = models.model.embed_text(models.text)
+        self._slot = threading.Lock()
+        self._refs: OrderedDict[str, SinkInputs] = OrderedDict()
+        self._refs_lock = threading.Lock()
+        self.sessions_started = 0
+        self.active = None  # the LiveSession holding the slot, if any
+
+    # -- the slot ------------------------------------------------------------------------------------
+    def try_acquire(self) -> bool:
+        return self._slot.acquire(blocking=False)
+
+    def release(self) -> None:
+        self.active = None
+        self._slot.release()
+
+    @property
+    def busy(self) -> bool:
+        return self._slot.locked()
+
+    # -- references ----------------------------------------------------------------------------------
+    def pixels(self, image: Any = None, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Reference pixels [3, H, W] in [-1, 1]: the size from the budget, or exactly ``size`` (H, W)."""
+        image = self.models.image if image is None else image
+        if size is None:
+            return load_reference_image(image, self.models.size)
+        from ..liveavatar.image import to_pil
+
+        arr = resize_center_crop(to_pil(image), *size)
+        return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div(255) * 2 - 1
+
+    def encode(self, pixels: torch.Tensor) -> SinkInputs:
+        """VAE-encode a reference (cached: the same image costs nothing the second time).
+        Called from the session thread only, never beside a running decode (the VAE keeps a cache)."""
+        key = hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
+        with self._refs_lock:
+            if key in self._refs:
+                self._refs.move_to_end(key)
+                return self._refs[key]
+        with torch.inference_mode():
+            sink = encode_reference(self.models.vae, pixels, self.models.cfg)
+        with self._refs_lock:
+            self._refs[key] = sink
+            while len(self._refs) > 4:
+                self._refs.popitem(last=False)
+        return sink
+
+    def features(self) -> StreamingFeatures:
+        return StreamingFeatures(self.models.audio_encoder, self.models.stream)
+
+
+def demo_models(size: str = "128*128", seed: int = 42, steps: int = 4, frames_per_clip: int = 48,
+                prompt: str = "a person talking to the camera",
+                stream: StreamingAudioConfig = StreamingAudioConfig()) -> LiveModels:
+    """Tiny random models and the synthetic face, exactly as ``python -m liveavatar demo`` builds them."""
+    from ..liveavatar.config import TINY, replace
+    from ..liveavatar.demo_assets import synth_face
+    from ..liveavatar.text import encode_text
+    from ..liveavatar.tiny import byte_tokens, tiny_audio_encoder, tiny_text_encoder, tiny_transformer, tiny_vae
+
+    cfg = SamplerConfig(steps=steps, frames_per_clip=frames_per_clip)
+    cfg.validate()
+    text_encoder = tiny_text_encoder(seed=3)
+    dit_cfg = replace(TINY, text_dim=text_encoder.config.d_model)
+    ids, mask = byte_tokens(prompt, text_encoder.config.vocab_size, dit_cfg.text_len)
+    with torch.inference_mode():
+        text = encode_text(text_encoder, ids, mask)
+    return LiveModels(tiny_transformer(seed=seed, cfg=dit_cfg), tiny_vae(seed=1), tiny_audio_encoder(seed=2), text,
+                      cfg, size, seed, synth_face(), "tiny demo models", stream)
