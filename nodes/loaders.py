@@ -106,9 +106,10 @@ class ModelLoader(io.ComfyNode):
             category=types.CATEGORY,
             description="Loads the Wan2.2-S2V-14B DiT, merges the LiveAvatar LoRA into it and stores it in the chosen precision.",
             inputs=[
-                io.Combo.Input("dit_name", options=runtime.model_files("diffusion_models"),
+                io.Combo.Input("dit_name", options=runtime.dit_files(),
                                tooltip="Wan2.2-S2V-14B DiT from models/diffusion_models (e.g. wan2.2_s2v_14B_bf16.safetensors "
-                                       "or the fp8_scaled file, or Wan-AI's sharded index).", ),
+                                       "or the fp8_scaled file, or Wan-AI's sharded index), or a GGUF quantization "
+                                       "(*.gguf, also from models/unet; Q8_0 ... Q3_K, kept quantized).", ),
                 io.Combo.Input("lora_name", options=[runtime.NONE] + runtime.model_files("loras"),
                                default="liveavatar.safetensors",
                                tooltip="The LiveAvatar LoRA (liveavatar.safetensors from Quark-Vision/Live-Avatar) in models/loras; "
@@ -125,7 +126,7 @@ class ModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, dit_name, lora_name, precision, placement=None) -> io.NodeOutput:
-        dit_path = runtime.model_path("diffusion_models", dit_name)
+        dit_path = runtime.dit_path(dit_name)
         lora_path = None if lora_name == runtime.NONE else runtime.model_path("loras", lora_name)
         dev = runtime.device()
         if placement is not None and placement.device != str(dev):

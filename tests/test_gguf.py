@@ -1,0 +1,236 @@
+"""GGUF DiT files (ComfyUI-GGUF's layout): reading, dequantization parity, quantized Linears, placement.
+
+Files are written by the tests with the ``gguf`` package's own writer and quantizer; K-quant
+blocks (which the package cannot write) are built from the format's specification: random
+bytes with finite fp16 scales, so the package's reference dequantization is defined on them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gguf
+from liveavatar_pack.liveavatar.config import TINY, DiTConfig
+from liveavatar_pack.liveavatar.tiny import tiny_transformer
+from liveavatar_pack.model_loaders.dit import load_dit
+from liveavatar_pack.model_loaders.formats import ModelFileError, describe, open_checkpoint
+from liveavatar_pack.model_loaders.gguf_linear import GGUFLinear
+from liveavatar_pack.model_loaders.gguf_quants import QUANT_TYPES, SUPPORTED, dequantize_blocks
+from liveavatar_pack.model_loaders.gguf_write import quantized_targets, write_gguf_dit
+from liveavatar_pack.model_loaders.placement import PlacementConfig, apply_placement
+
+PREFIX = "model.diffusion_model."
+CFG = TINY  # dim 64: not inferable from shapes (heads of 128), so given
+PACKAGE_WRITES = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
+K_QUANTS = ("Q6_K", "Q5_K", "Q4_K", "Q3_K")
+# byte offsets of the fp16 scales in one block (set to finite values in constructed blocks)
+SCALES = {"Q6_K": (208,), "Q5_K": (0, 2), "Q4_K": (0, 2), "Q3_K": (108,)}
+
+
+def random_blocks(qtype: str, n_blocks: int, seed: int = 0) -> np.ndarray:
+    """Random blocks of a K-quant with finite fp16 scales (d, dmin) in [-0.02, 0.02]."""
+    q = QUANT_TYPES[qtype]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (n_blocks, q.type_size), dtype=np.uint8)
+    for at in SCALES[qtype]:
+        blocks[:, at:at + 2] = (rng.uniform(-0.02, 0.02, (n_blocks, 1)).astype(np.float16)).view(np.uint8)
+    return blocks
+
+
+def test_supported_types_are_the_issue_list():
+    assert set(SUPPORTED) == {"F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q5_1", "Q4_K", "Q4_0", "Q4_1", "Q3_K"}
+
+
+@pytest.mark.parametrize("qtype", PACKAGE_WRITES)
+def test_dequant_matches_gguf_on_package_quantized_tensors(qtype):
+    """Values quantized by gguf.quants.quantize, dequantized by us (torch) and by gguf (numpy)."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((48, 512)) * 0.05).astype(np.float32)
+    x[3, :32] = 0  # an all-zero block (scale 0)
+    raw = np.ascontiguousarray(gguf.quants.quantize(x, gguf.GGMLQuantizationType[qtype]))
+    ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(-1)
+    got = dequantize_blocks(torch.from_numpy(raw.view(np.uint8).copy()), qtype).numpy()
+    assert np.abs(ref - got).max() <= 1e-6
+    if qtype not in ("F32",):
+        assert np.abs(got - x.reshape(-1)).max() > 0  # really quantized (not a pass-through)
+
+
+@pytest.mark.parametrize("qtype", K_QUANTS)
+def test_dequant_matches_gguf_on_spec_built_k_quant_blocks(qtype):
+    blocks = random_blocks(qtype, 300, seed=len(qtype) + ord(qtype[1]))
+    ref = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype]).reshape(-1)
+    got = dequantize_blocks(torch.from_numpy(blocks.copy()), qtype).numpy()
+    assert np.isfinite(ref).all() and np.abs(ref).max() > 0
+    assert np.abs(ref - got).max() <= 1e-6
+
+
+# ----------------------------------------------------------------------------- files
+@pytest.fixture(scope="module")
+def tiny_sd():
+    return {k: v.contiguous() for k, v in tiny_transformer(seed=2).state_dict().items()}
+
+
+def _dequantized_model_weights(model):
+    return {n: m.dequantized(torch.float32) for n, m in model.named_modules() if isinstance(m, GGUFLinear)}
+
+
+@pytest.mark.parametrize("prefix", ["", PREFIX])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_comfyui_layout_loads_with_weights_kept_quantized(tmp_path, tiny_sd, prefix, qtype):
+    path = write_gguf_dit(tiny_sd, tmp_path / "dit.gguf", qtype, prefix=prefix)
+    d = describe(path)
+    assert d.kind == "liveavatar_dit" and d.format == "gguf (wan)" and d.prefix == prefix and qtype in d.quantization
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.shape(prefix + "patch_embedding.weight") == tuple(tiny_sd["patch_embedding.weight"].shape)  # 5-D
+        assert ckpt.qtype(prefix + "patch_embedding.weight").name == "F32"
+        raw = {n: ckpt.read_raw(prefix + n) for n in quantized_targets(tiny_sd)}
+    model, report = load_dit(path, precision="fp32", config=CFG)
+    targets = quantized_targets(tiny_sd)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, GGUFLinear)}
+    assert {n + ".weight" for n in layers} == targets and report.gguf_layers == len(targets)
+    for name, layer in layers.items():
+        assert layer.weight.dtype == torch.uint8 and torch.equal(layer.weight, raw[name + ".weight"])  # the file's bytes
+        ref = gguf.quants.dequantize(raw[name + ".weight"].numpy(), gguf.GGMLQuantizationType[qtype])
+        assert np.abs(layer.dequantized(torch.float32).numpy() - ref).max() <= 1e-6
+    state = model.state_dict()
+    assert torch.equal(state["patch_embedding.weight"], tiny_sd["patch_embedding.weight"])  # F32, 5-D, exact
+
+
+def test_detected_by_content_not_name(tmp_path, tiny_sd):
+    path = write_gguf_dit(tiny_sd, tmp_path / "dit.safetensors", "Q8_0")
+    assert describe(path).format == "gguf (wan)"
+    model, _ = load_dit(path, precision="fp32", config=CFG)
+    assert any(isinstance(m, GGUFLinear) for m in model.modules())
+
+
+K_CFG = DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=32, audio_dim=16, audio_inject_layers=(0, 1))
+
+
+def test_k_quant_file_loads(tmp_path):
+    """A Q4_K file (blocks built from the spec) loads; every quantized Linear equals gguf's dequantization."""
+    sd = {k: v.contiguous() for k, v in tiny_transformer(seed=4, cfg=K_CFG).state_dict().items()}
+    targets = quantized_targets(sd)
+    q = QUANT_TYPES["Q4_K"]
+    raw = {n: random_blocks("Q4_K", sd[n].numel() // 256, seed=i).reshape(sd[n].shape[0], -1) for i, n in enumerate(sorted(targets))}
+    path = write_gguf_dit(sd, tmp_path / "k.gguf", "Q4_K", raw=raw)
+    model, report = load_dit(path, precision="bf16")
+    assert report.gguf_layers == len(targets) and "Q4_K" in report.precision
+    for name, w in _dequantized_model_weights(model).items():
+        ref = gguf.quants.dequantize(raw[name + ".weight"], gguf.GGMLQuantizationType.Q4_K)
+        assert np.abs(w.numpy() - ref).max() <= 1e-6
+        assert model.get_submodule(name).weight.nbytes == sd[name + ".weight"].numel() // q.block_size * q.type_size
+
+
+def test_unsupported_type_refused_by_name(tmp_path):
+    """A Q2_K tensor (not in the supported list) is refused with one line naming the type."""
+    sd = {k: v.contiguous() for k, v in tiny_transformer(seed=4, cfg=K_CFG).state_dict().items()}
+    target = sorted(quantized_targets(sd))[0]
+    out, inp = sd[target].shape
+    writer = gguf.GGUFWriter(path=None, arch="wan")
+    for name, v in sd.items():
+        if name == target:
+            writer.add_tensor(name, np.zeros((out, inp // 256 * 84), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q2_K)
+        else:
+            writer.add_tensor(name, v.float().numpy(), raw_dtype=gguf.GGMLQuantizationType.F32)
+    path = tmp_path / "q2k.gguf"
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert "Q2_K" in describe(path).quantization
+    with pytest.raises(ModelFileError) as err:
+        load_dit(path, precision="fp32")
+    message = str(err.value)
+    assert "Q2_K" in message and "not support" in message and target in message and "\n" not in message
+
+
+def test_missing_5d_tensors_named(tmp_path, tiny_sd):
+    """ComfyUI-GGUF's convert.py without its fix_5d_tensors step: the Conv3d weights are absent."""
+    sd = {k: v for k, v in tiny_sd.items() if v.dim() <= 4}
+    path = write_gguf_dit(sd, tmp_path / "no5d.gguf", "Q8_0")
+    with pytest.raises(ModelFileError, match="5-D Conv3d weights .*fix_5d_tensors"):
+        load_dit(path, precision="fp32", config=CFG)
+
+
+def test_orig_shape_metadata_restores_the_shape(tmp_path):
+    """``comfy.gguf.orig_shape.<name>``: a tensor stored as rows of 256 is read in its real shape."""
+    x = (torch.randn(3, 5, 512) * 0.1)
+    writer = gguf.GGUFWriter(path=None, arch="wan")
+    writer.add_array("comfy.gguf.orig_shape.t", [3, 5, 512])
+    writer.add_tensor("t", gguf.quants.quantize(x.reshape(-1, 256).numpy(), gguf.GGMLQuantizationType.Q8_0),
+                      raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    path = tmp_path / "shape.gguf"
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.shape("t") == (3, 5, 512)
+        assert ckpt.read("t").shape == (3, 5, 512)
+        assert (ckpt.read("t") - x).abs().max() < 0.01
+
+
+def test_truncated_file_one_line(tmp_path, tiny_sd):
+    path = write_gguf_dit(tiny_sd, tmp_path / "t.gguf", "Q8_0")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError) as err:
+        load_dit(path, config=CFG)
+    assert "truncated" in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_fp8_precision_refused_for_gguf(tmp_path, tiny_sd):
+    path = write_gguf_dit(tiny_sd, tmp_path / "p.gguf", "Q8_0")
+    with pytest.raises(ModelFileError, match="already quantized .*bf16, fp16 or fp32"):
+        load_dit(path, precision="fp8", config=CFG)
+
+
+# ----------------------------------------------------------------------------- run time
+def test_forward_equals_dequantized_model(tmp_path, tiny_sd):
+    """A GGUFLinear computes exactly what a Linear holding the dequantized weight computes."""
+    path = write_gguf_dit(tiny_sd, tmp_path / "f.gguf", "Q4_0")
+    model, _ = load_dit(path, precision="fp32", config=CFG)
+    for layer in model.modules():
+        if isinstance(layer, GGUFLinear):
+            x = torch.randn(5, layer.in_features)
+            assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.dequantized(torch.float32), layer.bias))
+
+
+def test_block_swap_moves_quantized_bytes(tmp_path, tiny_sd):
+    """Block swap in guard mode (blocks off the device poisoned) gives the unplaced latents bit for bit;
+    the host copies of the swapped blocks hold the uint8 blocks, not dequantized weights."""
+    from test_placement import make_sampler
+
+    path = write_gguf_dit(tiny_sd, tmp_path / "s.gguf", "Q8_0")
+    model, _ = load_dit(path, precision="fp32", config=CFG)
+    reference = [b.latents for b in make_sampler(model).blocks(1)]
+    placed = apply_placement(model, PlacementConfig(device="cpu", blocks_on_device=1), guard=True)
+    with placed.in_use():
+        latents = [b.latents for b in make_sampler(model, placed.cache_storage()).blocks(1)]
+    sw = placed.swapper
+    assert sw.transfers > 0 and all(torch.equal(a, b) for a, b in zip(reference, latents))
+    host = [t for k in sw.swapped for t in sw.host[k]]
+    quantized = sum(t.nbytes for t in host if t.dtype == torch.uint8)
+    expected = sum(m.weight.nbytes for k in sw.swapped for m in model.blocks[k].modules() if isinstance(m, GGUFLinear))
+    assert quantized == expected > 0
+    placed.remove()
+
+
+def test_model_loader_node_lists_and_loads_gguf(tmp_path):
+    """The Model Loader lists .gguf DiTs from diffusion_models and unet, and loads one (kept quantized)."""
+    from node_env import comfy_double, run
+
+    from liveavatar_pack.cli.tiny_models import tiny_dit_config
+
+    sd = tiny_transformer(seed=0, cfg=tiny_dit_config()).state_dict()
+    write_gguf_dit(sd, tmp_path / "models" / "diffusion_models" / "Wan2.2-S2V-14B-Q8_0.gguf", "Q8_0", prefix=PREFIX)
+    write_gguf_dit(sd, tmp_path / "models" / "unet" / "sub" / "Wan2.2-S2V-14B-Q4_0.gguf", "Q4_0")
+    with comfy_double(tmp_path) as env:
+        from liveavatar_pack.nodes import loaders
+
+        options = next(i for i in loaders.ModelLoader.define_schema().inputs if i.id == "dit_name").options
+        assert "Wan2.2-S2V-14B-Q8_0.gguf" in options and "sub/Wan2.2-S2V-14B-Q4_0.gguf" in options
+        holder = run(loaders.ModelLoader, dit_name="sub/Wan2.2-S2V-14B-Q4_0.gguf", lora_name="none", precision="fp32")[0]
+        assert "Q4_0" in holder.summary and any(isinstance(m, GGUFLinear) for m in holder.model.modules())
+        del env
