@@ -30,13 +30,13 @@ class GGUFLinear(nn.Module):
         self.compute_dtype = compute_dtype
         self.register_buffer("weight", torch.empty(out_features, self.qtype.row_bytes(in_features), dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device), requires_grad=False) if bias else None
-        self.lora_a: torch.Tensor | None = None
-        self.lora_b: torch.Tensor | None = None
+        self.register_buffer("lora_a", None)  # [rank, in], or None: no run-time LoRA
+        self.register_buffer("lora_b", None)  # [out, rank], times alpha / rank
 
     def set_lora(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Attach a run-time low-rank term (``b`` already scaled by alpha / rank)."""
-        self.register_buffer("lora_a", a.to(self.compute_dtype).contiguous())
-        self.register_buffer("lora_b", b.to(self.compute_dtype).contiguous())
+        self.lora_a = a.to(self.compute_dtype).contiguous()
+        self.lora_b = b.to(self.compute_dtype).contiguous()
 
     @property
     def has_lora(self) -> bool:

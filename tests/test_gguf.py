@@ -234,3 +234,68 @@ def test_model_loader_node_lists_and_loads_gguf(tmp_path):
         holder = run(loaders.ModelLoader, dit_name="sub/Wan2.2-S2V-14B-Q4_0.gguf", lora_name="none", precision="fp32")[0]
         assert "Q4_0" in holder.summary and any(isinstance(m, GGUFLinear) for m in holder.model.modules())
         del env
+
+
+def _sample_tiny(model, clips: int = 1):
+    """The streaming sampler on fixed inputs (one clip of 24 frames = 2 blocks x 4 steps): the latents of every block."""
+    from liveavatar_pack.liveavatar.config import SamplerConfig
+    from liveavatar_pack.liveavatar.sampler import SinkInputs, StreamingSampler, TensorAudio
+    from liveavatar_pack.liveavatar.tiny import TINY_LATENT_HW
+
+    cfg = model.cfg if hasattr(model, "cfg") else model.config
+    h, w = TINY_LATENT_HW
+    gen = torch.Generator().manual_seed(123)
+    sink = SinkInputs(torch.randn(16, 1, h, w, generator=gen), torch.randn(16, 19, h, w, generator=gen))
+    audio = TensorAudio(torch.randn(1, cfg.num_audio_layers, cfg.audio_dim, 150, generator=gen))
+    text = torch.randn(7, cfg.text_dim, generator=gen)
+    with torch.inference_mode():
+        blocks = StreamingSampler(model, SamplerConfig(frames_per_clip=24), text, audio, sink, seed=3).blocks(clips)
+        return torch.cat([b.latents.float() for b in blocks], dim=1)
+
+
+def test_tiny_models_gguf_sampler_error_per_type(tmp_path):
+    """tiny-models' GGUF DiTs (Q8_0, Q4_0) run the sampler; their latents' error vs the fp32 model, beside
+    the bf16 file's own error: Q8_0 stays close to bf16, Q4_0 is larger but bounded."""
+    from liveavatar_pack.cli import tiny_models as tm
+
+    tm.write_dit(tmp_path)
+    assert all((tmp_path / name).is_file() for name in tm.GGUF_FILES)
+    fp32 = tiny_transformer(seed=0, cfg=tm.tiny_dit_config()).eval()
+    ref = _sample_tiny(fp32)
+    errors = {}
+    for label, name in [("bf16", tm.DIT_FILES[0])] + list(zip(tm.GGUF_TYPES, tm.GGUF_FILES)):
+        model, report = load_dit(tmp_path / name, precision="bf16")
+        assert (report.gguf_layers > 0) == name.endswith(".gguf")
+        out = _sample_tiny(model)
+        errors[label] = ((out - ref).norm() / ref.norm()).item()
+    print("\nrelative latent error vs the fp32 model: " + ", ".join(f"{k} {v:.4f}" for k, v in errors.items()))
+    assert all(np.isfinite(v) for v in errors.values())
+    assert errors["Q8_0"] <= 2.0 * errors["bf16"]
+    assert errors["bf16"] < errors["Q4_0"] < 0.5
+
+
+@pytest.mark.slow
+def test_generate_with_a_gguf_dit_from_tiny_models(tmp_path):
+    """``tiny-models`` writes the GGUF DiTs beside the bf16 one (which ``--models`` alone still picks);
+    ``generate --dit <file>.gguf`` makes the video with the quantized DiT."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from liveavatar_pack.cli import tiny_models as tm
+    from liveavatar_pack.model_loaders.model_dir import find_model_files
+
+    models = tmp_path / "models"
+    made = subprocess.run([sys.executable, "-m", "liveavatar", "tiny-models", "--out", str(models)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert find_model_files(models).dit.name == tm.DIT_FILES[0]
+    gguf_file = models / "diffusion_models" / tm.GGUF_FILES[1]
+    out = tmp_path / "q4.mp4"
+    cmd = [sys.executable, "-m", "liveavatar", "generate", "--models", str(models), "--dit", str(gguf_file),
+           "--image", str(models / "input" / tm.IMAGE_FILE), "--audio", str(models / "input" / tm.SPEECH_FILE),
+           "--size", "128*128", "--out", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GGUF Q4_0" in result.stderr and "quantized GGUF Linears" in result.stderr
+    assert out.is_file() and out.stat().st_size > 1000
