@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..liveavatar.config import DiTConfig, SamplerConfig
+from .gguf_quants import QUANT_TYPES
 from .placement import PlacementConfig, dtype_name
 
 GiB = 1024**3
@@ -41,6 +42,9 @@ PRECISIONS = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 # bytes per parameter outside the fp8 Linears (fp8: bf16, the compute dtype of FP8Linear)
 STORAGE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
 FP8_SCOPES = ("blocks", "audio_injector")
+# GGUF files: those scopes' Linear weights in a GGML type at (block bytes, block values) each (bytes per
+# parameter = ratio), kept quantized on the device (GGUFLinear); the rest in bf16 (load_gguf_dit's storage)
+GGUF_BYTES = {q.name: (q.type_size, q.block_size) for q in QUANT_TYPES.values() if q.quantized}
 
 
 # ---------------------------------------------------------------------------- sizes of other models
@@ -209,8 +213,8 @@ def weight_bytes(cfg: DiTConfig, precision: str) -> WeightCount:
         return _WEIGHT_CACHE[key]
     from ..liveavatar.transformer import LiveAvatarTransformer
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if precision not in PRECISIONS and precision not in GGUF_BYTES:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)} or a GGUF type {sorted(GGUF_BYTES)}, got {precision!r}")
     with torch.device("meta"):
         model = LiveAvatarTransformer(cfg)
     keep = LiveAvatarTransformer.keep_in_fp32
@@ -226,8 +230,11 @@ def weight_bytes(cfg: DiTConfig, precision: str) -> WeightCount:
             nbytes = 4 * p.numel()
         elif precision == "fp8" and name in linear_weights:
             nbytes = p.numel() + 4  # float8 values + one float32 scale per tensor
-        else:  # everything else in the storage dtype; fp8 keeps it in bf16 (load_dit's _target_dtype)
-            nbytes = STORAGE_BYTES[precision] * p.numel()
+        elif precision in GGUF_BYTES and name in linear_weights:
+            type_size, values = GGUF_BYTES[precision]
+            nbytes = p.numel() // values * type_size  # the file's blocks, as GGUFLinear keeps them
+        else:  # everything else in the storage dtype; fp8 and GGUF keep it in bf16 (load_dit's _target_dtype)
+            nbytes = STORAGE_BYTES.get(precision, 2) * p.numel()
         if parts[0] == "blocks":
             if parts[1] == "0":
                 block += nbytes
@@ -806,6 +813,17 @@ def dit_config_of(path) -> DiTConfig:
             raise ModelFileError(f"{ckpt.path}: cannot infer the DiT configuration: {exc}") from None
 
 
+def gguf_type_of(path) -> str | None:
+    """The main quantized type of a GGUF DiT file (what the planner counts), None for other files."""
+    from .gguf_file import is_gguf, open_gguf
+
+    if not is_gguf(path):
+        return None
+    with open_gguf(path) as ckpt:
+        main = ckpt.main_type()
+    return main if main in GGUF_BYTES else None
+
+
 def preload_host_check(dit_path, precision: str, width: int, height: int, sampler_cfg: SamplerConfig,
                        device, host_ram_gib: float | None = None, margin: float = 0.05) -> Verdict:
     """Before ``generate`` loads anything: does its single-process run fit the host RAM?
@@ -818,6 +836,7 @@ def preload_host_check(dit_path, precision: str, width: int, height: int, sample
     if host_ram_gib is None:
         host_ram_gib = available_host_ram_gib()
     cfg = dit_config_of(dit_path)
+    precision = gguf_type_of(dit_path) or precision  # a GGUF file's weights stay in its type
     plan = plan_memory(cfg, precision, width, height, sampler_cfg, PlacementConfig(device=str(device)))
     terms = [t for t in plan.host if not t.name.startswith("encoders")]
     if device.type == "cpu":
@@ -839,5 +858,5 @@ __all__ = [
     "weight_bytes", "geometry", "cache_bytes", "activation_terms", "vae_decode_bytes",
     "plan_memory", "verdict", "choose_placement", "parse_gpus", "parse_size",
     "SpeedModel", "Timing", "block_step_flops", "call_flops", "available_host_ram_gib", "STORAGE_BYTES",
-    "dit_config_of", "preload_host_check",
+    "dit_config_of", "preload_host_check", "GGUF_BYTES", "gguf_type_of",
 ]

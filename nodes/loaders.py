@@ -116,7 +116,8 @@ class ModelLoader(io.ComfyNode):
                                        "merged before quantization. 'none' runs the base S2V model (not few-step: poor results)."),
                 io.Combo.Input("precision", options=PRECISIONS, default="bf16",
                                tooltip="Weight precision. fp8 halves the weight memory (e4m3 weights, bf16 compute); "
-                                       "bf16 is the reference; fp32 only for tests."),
+                                       "bf16 is the reference; fp32 only for tests. A GGUF file keeps its quantized "
+                                       "weights (the LoRA is then applied at run time); bf16/fp16/fp32 set its compute dtype."),
                 types.Placement.Input("placement", optional=True,
                                       tooltip="Optional placement (block swap, KV cache offload) from 'LiveAvatar Placement'; "
                                               "without it the whole model lives on the GPU."),
@@ -132,7 +133,10 @@ class ModelLoader(io.ComfyNode):
         if placement is not None and placement.device != str(dev):
             placement = _with_device(placement, dev)
         model, summary = load_dit_model(dit_path, lora_path, precision, placement, dev)
-        holder = LiveAvatarModel(model, dit_name, summary, placement=placement, precision=precision)
+        from ..model_loaders.planner import gguf_type_of
+
+        # the planner counts a GGUF file's weights in its quantized type
+        holder = LiveAvatarModel(model, dit_name, summary, placement=placement, precision=gguf_type_of(dit_path) or precision)
         if placement is not None:
             from ..model_loaders.placement import apply_placement
 

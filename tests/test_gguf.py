@@ -233,6 +233,7 @@ def test_model_loader_node_lists_and_loads_gguf(tmp_path):
         assert "Wan2.2-S2V-14B-Q8_0.gguf" in options and "sub/Wan2.2-S2V-14B-Q4_0.gguf" in options
         holder = run(loaders.ModelLoader, dit_name="sub/Wan2.2-S2V-14B-Q4_0.gguf", lora_name="none", precision="fp32")[0]
         assert "Q4_0" in holder.summary and any(isinstance(m, GGUFLinear) for m in holder.model.modules())
+        assert holder.precision == "Q4_0"  # what the planner counts for this model
         del env
 
 
@@ -299,3 +300,154 @@ def test_generate_with_a_gguf_dit_from_tiny_models(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "GGUF Q4_0" in result.stderr and "quantized GGUF Linears" in result.stderr
     assert out.is_file() and out.stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- LoRA on a quantized base
+def _write_lora(model, path, rank=4, seed=5, scale=0.05):
+    """A PEFT LoRA on every q,k,v,o,ffn.0,ffn.2 of ``model`` (alpha = rank: scaling 1)."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.startswith("blocks.") and name.rsplit(".", 1)[-1] in ("q", "k", "v", "o", "0", "2"):
+            sd[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=gen) * scale
+            sd[f"base_model.model.{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=gen) * scale
+            sd[f"base_model.model.{name}.alpha"] = torch.tensor(float(rank))
+    save_file(sd, str(path))
+    return path
+
+
+def _effective(layer: GGUFLinear) -> torch.Tensor:
+    w = layer.dequantized(torch.float32)
+    if layer.has_lora:
+        w = w + layer.lora_b.float() @ layer.lora_a.float()
+    return w
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_lora_runtime_and_merge_on_quantized_base(tmp_path, tiny_sd, qtype):
+    """Run-time LoRA: base blocks stay the file's, the low-rank term is added per call (exactly what the
+    effective weight gives). Merge-at-load: requantized weights, no low-rank term; its error vs the float32
+    merge is larger than the run-time path's (two roundings instead of one)."""
+    base = tiny_transformer(seed=2)
+    lora = _write_lora(base, tmp_path / "lora.safetensors")
+    path = write_gguf_dit(tiny_sd, tmp_path / "b.gguf", qtype)
+    runtime, rep_r = load_dit(path, lora=lora, precision="fp32", config=CFG)
+    merged, rep_m = load_dit(path, lora=lora, precision="fp32", config=CFG, lora_mode="merge")
+    assert rep_r.lora_mode == "runtime" and rep_m.lora_mode == "merge" and len(rep_r.lora.merged) == len(rep_m.lora.merged) > 0
+    plain, _ = load_dit(path, precision="fp32", config=CFG)
+    reference = load_dit(write_gguf_dit(tiny_sd, tmp_path / "f32.gguf", "F32"), lora=lora, precision="fp32", config=CFG)[0]
+    err = {"runtime": 0.0, "merge": 0.0}
+    for name in rep_r.lora.merged:
+        r, m, p = runtime.get_submodule(name), merged.get_submodule(name), plain.get_submodule(name)
+        ref_w = reference.get_submodule(name).weight
+        assert r.has_lora and not m.has_lora and torch.equal(r.weight, p.weight)  # the file's blocks, untouched
+        assert not torch.equal(m.weight, p.weight)  # requantized
+        x = torch.randn(3, r.in_features)
+        want = torch.nn.functional.linear(x, p.dequantized(torch.float32), p.bias) + (x @ r.lora_a.T) @ r.lora_b.T
+        assert torch.allclose(r(x), want, atol=1e-6, rtol=1e-5)
+        err["runtime"] += (_effective(r) - ref_w).square().sum().item()
+        err["merge"] += (_effective(m) - ref_w).square().sum().item()
+    assert err["runtime"] < err["merge"]
+    assert "applied at run time" in rep_r.summary()
+
+
+def test_lora_merge_refused_for_k_quants(tmp_path):
+    sd = {k: v.contiguous() for k, v in tiny_transformer(seed=4, cfg=K_CFG).state_dict().items()}
+    raw = {n: random_blocks("Q4_K", sd[n].numel() // 256, seed=i).reshape(sd[n].shape[0], -1)
+           for i, n in enumerate(sorted(quantized_targets(sd)))}
+    path = write_gguf_dit(sd, tmp_path / "k.gguf", "Q4_K", raw=raw)
+    lora = _write_lora(tiny_transformer(seed=4, cfg=K_CFG), tmp_path / "l.safetensors")
+    with pytest.raises(ModelFileError, match="Q4_K.*lora_mode 'runtime'"):
+        load_dit(path, lora=lora, precision="fp32", lora_mode="merge")
+    model, report = load_dit(path, lora=lora, precision="fp32")
+    assert report.lora_mode == "runtime" and sum(isinstance(m, GGUFLinear) and m.has_lora for m in model.modules()) > 0
+
+
+# ----------------------------------------------------------------------------- planner and memory
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_device_bytes_equal_the_planner_count(tmp_path, qtype):
+    """What a loaded GGUF DiT holds (quantized blocks + bf16 rest) is the planner's weight count, per block too."""
+    from liveavatar_pack.cli.tiny_models import tiny_dit_config
+    from liveavatar_pack.model_loaders.planner import weight_bytes
+
+    cfg = tiny_dit_config()
+    path = write_gguf_dit(tiny_transformer(seed=0, cfg=cfg).state_dict(), tmp_path / "d.gguf", qtype)
+    model, report = load_dit(path, precision="bf16")
+    count = weight_bytes(cfg, qtype)
+    assert report.model_bytes == count.total(cfg.num_layers)
+    assert sum(t.nbytes for t in [*model.blocks[0].parameters(), *model.blocks[0].buffers()]) == count.block
+    assert weight_bytes(cfg, qtype).total(cfg.num_layers) < weight_bytes(cfg, "bf16").total(cfg.num_layers)
+
+
+def test_plan_names_a_gguf_type_for_16_and_12_gib():
+    from liveavatar_pack.liveavatar.config import WAN_S2V_14B, SamplerConfig
+    from liveavatar_pack.model_loaders.gguf_plan import recommend_gguf
+
+    for gpus in ("1x16", "1x12"):
+        choice = recommend_gguf(WAN_S2V_14B, 688, 368, SamplerConfig(), gpus, host_ram_gib=64)
+        assert choice.qtype in ("Q8_0", "Q6_K", "Q5_K", "Q4_K") and choice.plan.peak_device <= int(gpus[2:]) * 2**30 * 0.95
+        assert f"GGUF recommendation: {choice.qtype}" in "\n".join(choice.lines())
+    big = recommend_gguf(WAN_S2V_14B, 688, 368, SamplerConfig(), "1x80", host_ram_gib=64)
+    assert big.qtype == "Q8_0" and big.placement.blocks_on_device is None  # room for all: the best quality
+
+
+def test_plan_cli_prints_the_gguf_recommendation():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "liveavatar", "plan", "--gpus", "1x16", "--size", "688*368", "--host-ram", "64"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "GGUF recommendation: Q4_K" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    q = subprocess.run([sys.executable, "-m", "liveavatar", "plan", "--gpus", "1x16", "--size", "688*368", "--host-ram", "64",
+                        "--precision", "Q4_K"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert q.returncode == 0 and "Q4_K weights" in q.stdout, q.stdout[-2000:] + q.stderr[-2000:]
+
+
+RSS_SCRIPT = """
+import importlib.util, json, sys
+import psutil, torch
+spec = importlib.util.spec_from_file_location("_b", sys.argv[1] + "/liveavatar/bootstrap.py")
+boot = importlib.util.module_from_spec(spec); spec.loader.exec_module(boot); boot.load_pack(sys.argv[1])
+from liveavatar_pack.model_loaders.dit import load_dit
+from liveavatar_pack.liveavatar.config import DiTConfig
+import gguf  # imported before the baseline, as load_dit would on its first GGUF file
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[1] + "/bench")
+from peak_rss import peak_rss, reset_peak
+cfg = DiTConfig(**json.loads(sys.argv[3]))
+reset_peak()
+base = psutil.Process().memory_info().rss
+model, report = load_dit(sys.argv[2], precision="bf16", config=cfg)
+print(json.dumps({"base": base, "peak": peak_rss(), "model_bytes": report.model_bytes}))
+"""
+
+
+def test_peak_host_memory_while_loading_a_gguf_file(tmp_path):
+    """Peak RSS over the baseline while loading stays <= 1.2x the file's size (+ 48 MiB of slack)."""
+    import dataclasses
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    if sys.platform != "linux":
+        pytest.skip("peak RSS is read from /proc/self/status (Linux)")
+    cfg = DiTConfig(dim=1024, ffn_dim=2816, num_heads=8, num_layers=6, text_dim=256, audio_dim=64, audio_inject_layers=(0, 3))
+    path = write_gguf_dit(tiny_transformer(seed=0, cfg=cfg).state_dict(), tmp_path / "m.gguf", "Q8_0")
+    size = path.stat().st_size
+    assert size > 80e6
+    raw = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(ROOT), str(path), json.dumps(raw)], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    extra = figures["peak"] - figures["base"]
+    print(f"\nGGUF file {size / 2**20:.0f} MiB, model {figures['model_bytes'] / 2**20:.0f} MiB: peak RSS over baseline "
+          f"{extra / 2**20:.0f} MiB ({extra / size:.2f}x the file)")
+    assert extra <= 1.2 * size + 48 * 2**20
