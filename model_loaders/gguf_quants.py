@@ -112,8 +112,17 @@ def _bits(b: torch.Tensor, shifts: torch.Tensor, mask: int) -> torch.Tensor:
     return (b.unsqueeze(-2) >> shifts.view(-1, 1)) & mask
 
 
+_SHIFTS: dict[tuple, torch.Tensor] = {}
+
+
 def _shifts(values, device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.uint8, device=device)
+    """Bit-shift amounts as a uint8 tensor on ``device``, made once per device (on a GPU a fresh
+    ``torch.tensor`` per call would be a synchronous host-to-device copy in every Linear)."""
+    key = (tuple(values), str(device))
+    t = _SHIFTS.get(key)
+    if t is None:
+        t = _SHIFTS[key] = torch.tensor(key[0], dtype=torch.uint8, device=device)
+    return t
 
 
 def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,7 +43,8 @@ PRECISIONS = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 STORAGE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
 FP8_SCOPES = ("blocks", "audio_injector")
 # GGUF files: those scopes' Linear weights in a GGML type at (block bytes, block values) each (bytes per
-# parameter = ratio), kept quantized on the device (GGUFLinear); the rest in bf16 (load_gguf_dit's storage)
+# parameter = ratio), kept quantized on the device (GGUFLinear); the rest in bf16 (load_gguf_dit's storage),
+# plus the LoRA GGUFLinear applies at run time (weight_bytes' lora_rank)
 GGUF_BYTES = {q.name: (q.type_size, q.block_size) for q in QUANT_TYPES.values() if q.quantized}
 
 
@@ -206,9 +207,12 @@ class WeightCount:
 _WEIGHT_CACHE: dict = {}
 
 
-def weight_bytes(cfg: DiTConfig, precision: str) -> WeightCount:
-    """Bytes of the DiT's weights in ``precision``, counted on a meta-device model."""
-    key = (cfg, precision)
+def weight_bytes(cfg: DiTConfig, precision: str, lora_rank: int | None = None) -> WeightCount:
+    """Bytes of the DiT's weights in ``precision``, counted on a meta-device model.
+
+    GGUF types also count the run-time LoRA their loader keeps (bf16 A and B of rank ``lora_rank``,
+    default LiveAvatar's 128, on the quantized q,k,v,o,ffn.0,ffn.2; 0: no LoRA)."""
+    key = (cfg, precision, lora_rank)
     if key in _WEIGHT_CACHE:
         return _WEIGHT_CACHE[key]
     from ..liveavatar.transformer import LiveAvatarTransformer
@@ -242,6 +246,18 @@ def weight_bytes(cfg: DiTConfig, precision: str) -> WeightCount:
         else:
             base += nbytes
             base_params += p.numel()
+    if precision in GGUF_BYTES:  # the run-time LoRA of the quantized Linears (gguf_linear.GGUFLinear.set_lora)
+        from ..liveavatar.lora import LIVEAVATAR_RANK, peft_wrapped
+
+        rank = LIVEAVATAR_RANK if lora_rank is None else lora_rank
+        for mname, m in model.named_modules():
+            if rank and f"{mname}.weight" in linear_weights and peft_wrapped([mname]):
+                nbytes = 2 * rank * (m.in_features + m.out_features)
+                parts = mname.split(".")
+                if parts[0] != "blocks":
+                    base += nbytes
+                elif parts[1] == "0":
+                    block += nbytes
     out = WeightCount(block, base, block_params, base_params)
     _WEIGHT_CACHE[key] = out
     return out

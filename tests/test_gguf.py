@@ -368,17 +368,19 @@ def test_lora_merge_refused_for_k_quants(tmp_path):
 # ----------------------------------------------------------------------------- planner and memory
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
 def test_device_bytes_equal_the_planner_count(tmp_path, qtype):
-    """What a loaded GGUF DiT holds (quantized blocks + bf16 rest) is the planner's weight count, per block too."""
-    from liveavatar_pack.cli.tiny_models import tiny_dit_config
+    """What a loaded GGUF DiT holds (quantized blocks + bf16 rest + a run-time LoRA) is the planner's count, per block too."""
+    from liveavatar_pack.cli import tiny_models as tm
     from liveavatar_pack.model_loaders.planner import weight_bytes
 
-    cfg = tiny_dit_config()
+    cfg = tm.tiny_dit_config()
     path = write_gguf_dit(tiny_transformer(seed=0, cfg=cfg).state_dict(), tmp_path / "d.gguf", qtype)
-    model, report = load_dit(path, precision="bf16")
-    count = weight_bytes(cfg, qtype)
-    assert report.model_bytes == count.total(cfg.num_layers)
-    assert sum(t.nbytes for t in [*model.blocks[0].parameters(), *model.blocks[0].buffers()]) == count.block
-    assert weight_bytes(cfg, qtype).total(cfg.num_layers) < weight_bytes(cfg, "bf16").total(cfg.num_layers)
+    for lora, rank in ((None, 0), (tm.write_lora(tmp_path, rank=4), 4)):  # no LoRA; tiny-models' LoRA, run-time
+        model, report = load_dit(path, lora=lora, precision="bf16")
+        count = weight_bytes(cfg, qtype, lora_rank=rank)
+        assert report.model_bytes == count.total(cfg.num_layers)
+        assert sum(t.nbytes for t in [*model.blocks[0].parameters(), *model.blocks[0].buffers()]) == count.block
+    assert weight_bytes(cfg, qtype, lora_rank=0).total(cfg.num_layers) < weight_bytes(cfg, qtype).total(cfg.num_layers)
+    assert weight_bytes(cfg, qtype, lora_rank=0).total(cfg.num_layers) < weight_bytes(cfg, "bf16").total(cfg.num_layers)
 
 
 def test_plan_names_a_gguf_type_for_16_and_12_gib():
