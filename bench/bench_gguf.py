@@ -35,7 +35,6 @@ from liveavatar_pack.liveavatar.config import WAN_S2V_14B, DiTConfig, SamplerCon
 from liveavatar_pack.liveavatar.sampler import SinkInputs, StreamingSampler, TensorAudio  # noqa: E402
 from liveavatar_pack.liveavatar.tiny import tiny_transformer  # noqa: E402
 from liveavatar_pack.model_loaders.dit import load_dit  # noqa: E402
-from liveavatar_pack.model_loaders.gguf_linear import GGUFLinear  # noqa: E402
 from liveavatar_pack.model_loaders.gguf_quants import QUANT_TYPES, dequantize  # noqa: E402
 from liveavatar_pack.model_loaders.gguf_write import quantized_targets, write_gguf_dit  # noqa: E402
 

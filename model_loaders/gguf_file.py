@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .formats import Checkpoint, ModelFileError, TensorInfo, check_regular, count_nonfinite
-from .gguf_quants import QUANT_TYPES, SUPPORTED, QuantType, UnsupportedQuantType, dequantize, quant_type
+from .gguf_quants import SUPPORTED, QuantType, UnsupportedQuantType, dequantize, quant_type
 
 __all__ = ["GGUFCheckpoint", "open_gguf", "GGUF_MAGIC", "is_gguf"]
 
@@ -216,5 +216,3 @@ def open_gguf(path: str | Path) -> GGUFCheckpoint:
         raise ModelFileError(f"{path}: truncated GGUF file: its header describes {end} bytes, the file has {size}; download it again")
     return ckpt
 
-
-QUANT_NAMES = tuple(QUANT_TYPES)
