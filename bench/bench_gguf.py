@@ -15,7 +15,7 @@ Three measurements, side by side in one run (ratios; absolute times only mean so
    bytes (rank 128 on q,k,v,o,ffn.0,ffn.2 of WAN_S2V_14B's blocks, q,k,v,o of its audio injectors) that run-time mode keeps.
 
 K-quant weights here are random blocks with finite scales (the gguf package cannot write K-quants;
-timing does not depend on the values). Usage: python bench/bench_gguf.py [--json out.json] [--quick]
+timing does not depend on the values). Usage: python bench/bench_gguf.py [--threads 1] [--parts block_step,dequant,lora] [--json out.json] [--quick]
 """
 from __future__ import annotations
 
@@ -174,11 +174,13 @@ def lora_modes(folder: Path, size: int) -> dict:
             lat, t = sample(model, MID, size)
             row = {"weight_rel_err_vs_fp32_merge": (e32 / n32) ** 0.5, "weight_rel_err_vs_bf16_merge": (e16 / n32) ** 0.5,
                    "latent_rel_err_vs_bf16_merge": ((lat - lat16).norm() / lat16.norm()).item(),
-                   "lora_bytes_kept": lora_bytes, "load_s": load_s, "s_per_block_step": t}
+                   "lora_bytes_kept": lora_bytes, "load_s": load_s, "s_per_block_step": t,
+                   "requant_added_rel_err": report.requant_error}
             out[f"{q}/{mode}"] = row
             print(f"  {q} {mode:7s}: weights vs fp32 merge {row['weight_rel_err_vs_fp32_merge']:.4f}, vs bf16 merge "
                   f"{row['weight_rel_err_vs_bf16_merge']:.4f}; latents vs bf16 merge {row['latent_rel_err_vs_bf16_merge']:.4f}; "
-                  f"LoRA kept {lora_bytes / 2**10:.0f} KiB; load {load_s:.2f} s; {t * 1e3:.1f} ms per block-step")
+                  f"LoRA kept {lora_bytes / 2**10:.0f} KiB; load {load_s:.2f} s; {t * 1e3:.1f} ms per block-step"
+                  + (f"; requantizing added {report.requant_error:.4f}" if report.requant_error is not None else ""))
     full = full_size_lora_bytes()
     out["full_size_runtime_lora"] = {"parameters": full, "bf16_bytes": 2 * full}
     print(f"  full size (rank 128, 40 blocks + audio injectors): run-time mode keeps {full / 1e6:.0f}M LoRA parameters = {2 * full / 2**30:.2f} GiB in bf16")
@@ -190,16 +192,21 @@ def main() -> dict:
     parser.add_argument("--size", type=int, default=256, help="square frame side in pixels for the sampler runs")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="Q8_0 and Q4_K only")
+    parser.add_argument("--parts", default="block_step,dequant,lora", help="comma-separated subset to run")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     torch.set_num_threads(args.threads)
     types = ("Q8_0", "Q4_K") if args.quick else TYPES
     result = {"threads": args.threads, "size": args.size}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        result["block_step"] = block_step_overhead(folder, args.size, types)
-        result["dequant_full_size"] = full_size_dequant(types)
-        result["lora"] = lora_modes(folder, args.size)
+        if "block_step" in parts:
+            result["block_step"] = block_step_overhead(folder, args.size, types)
+        if "dequant" in parts:
+            result["dequant_full_size"] = full_size_dequant(types)
+        if "lora" in parts:
+            result["lora"] = lora_modes(folder, args.size)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result

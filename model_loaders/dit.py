@@ -75,6 +75,7 @@ class DiTLoadReport:
     fp8_from_file: int = 0  # fp8 weights taken from the file as they were (no re-quantisation)
     gguf_layers: int = 0  # GGUFLinear layers (weights kept quantized as in the GGUF file)
     lora_mode: str = "merge"  # GGUF files: "runtime" (low-rank term per call) or "merge" (requantized)
+    requant_error: float | None = None  # GGUF merge-at-load: relative L2 error requantizing the merged weights added
     lora: LoraReport | None = None
     lora_path: Path | None = None
     lora_alpha_source: str | None = None
@@ -97,6 +98,8 @@ class DiTLoadReport:
             text += f"; LoRA {self.lora_path.name}: {self.lora.summary()} (alpha from {self.lora_alpha_source})"
             if self.gguf_layers and self.lora_mode == "runtime":
                 text += ", applied at run time on the quantized layers"
+            if self.requant_error is not None:
+                text += f", merged and requantized (added error {100 * self.requant_error:.2f}% of the merged weights)"
         if self.skipped:
             text += f"; ignored {len(self.skipped)} unexpected tensors (e.g. {self.skipped[0]})"
         return text

@@ -139,6 +139,7 @@ def load_gguf_dit(
                                str(device), cfg, cfg_source, skipped=skipped)
         lora_report = LoraReport(rank=lora_file.rank, alpha=lora_file.alpha) if lora_file else None
         raw_to_name = {raw: n for n, raw in names.items() if n in expected}
+        sq_err = sq_ref = 0.0
         for base_raw in ckpt.read_order(raw_to_name):
             name = raw_to_name[base_raw]
             module_name = name.rpartition(".")[0]
@@ -152,6 +153,8 @@ def load_gguf_dit(
                         w = dequantize(raw, q, (layer.out_features, layer.in_features))
                         w.add_(lora_file.delta(module_name))
                         raw = requantize(w, q)
+                        sq_err += (dequantize(raw, q, w.shape) - w).square().sum().item()  # what requantizing added
+                        sq_ref += w.square().sum().item()
                         w = None
                     elif merge:
                         a, b = lora_file.read_pair(module_name)
@@ -187,6 +190,8 @@ def load_gguf_dit(
             ]
             report.lora, report.lora_path, report.lora_alpha_source = lora_report, lora_file.path, lora_file.alpha_source
             report.lora_mode = lora_mode if lora_modules & set(quantized) else "merge"
+            if sq_ref:
+                report.requant_error = (sq_err / sq_ref) ** 0.5
         model.eval()
         report.model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         report.seconds = time.perf_counter() - t0

@@ -350,7 +350,8 @@ def test_lora_runtime_and_merge_on_quantized_base(tmp_path, tiny_sd, qtype):
         err["runtime"] += (_effective(r) - ref_w).square().sum().item()
         err["merge"] += (_effective(m) - ref_w).square().sum().item()
     assert err["runtime"] < err["merge"]
-    assert "applied at run time" in rep_r.summary()
+    assert "applied at run time" in rep_r.summary() and rep_r.requant_error is None
+    assert 0 < rep_m.requant_error < (0.02 if qtype == "Q8_0" else 0.2) and "added error" in rep_m.summary()
 
 
 def test_lora_merge_refused_for_k_quants(tmp_path):
