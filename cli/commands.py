@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+GGUF_PLAN_TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K")  # model_loaders.gguf_quants
+
 
 class UserError(Exception):
     """A problem the user can fix (bad file, bad option); printed without a traceback."""
@@ -69,7 +71,8 @@ class Plan:
                            description=self.__doc__)
         p.add_argument("--gpus", default="1x24", help="COUNTxGIB, e.g. 1x24, 4x24, 1x48, 1x80, 5x80 (default 1x24)")
         p.add_argument("--size", default="704*384", help="W*H (default 704*384)")
-        p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp8", "fp32"])
+        p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp8", "fp32", *GGUF_PLAN_TYPES],
+                       help="DiT weights; a GGUF type (Q8_0 ... Q3_K) plans a GGUF file's quantized weights")
         p.add_argument("--mode", choices=["single", "tpp", "sp"],
                        help="plan this mode only (default: single on 1 GPU; on several, every layout ranked by fps)")
         p.add_argument("--sp", type=int, metavar="N", help="with --mode tpp: step groups of N sequence-parallel ranks")
@@ -159,6 +162,16 @@ class Plan:
         if not given:
             print(f"chosen placement: {placement.to_dict() if placement else 'none fits'}")
         print(v.message)
+        if args.precision not in GGUF_PLAN_TYPES:  # what a GGUF file would allow on these GPUs
+            from ..model_loaders.gguf_plan import recommend_gguf
+
+            # on several GPUs: GGUF weights in the layout planned above
+            layout = plan.settings.get("layout_obj") if len(gpus) > 1 else None
+            mode = layout.mode if layout is not None else "single"
+            gguf = recommend_gguf(dit, width, height, scfg, gpus, mode, host_ram_gib=host_ram,
+                                  allow_fp8_kv=not args.exact, speed=speed, model_name=name,
+                                  **({"layout": layout} if layout is not None else {}))
+            print("\n".join(gguf.lines()))
         return 0 if v.fits else 1
 
 

@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=4, help="denoising steps per block (LoRA distilled for 4; 3 or 5 work)")
     p.add_argument("--frames-per-clip", type=int, default=48, help="a multiple of 12")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32", "fp8"], default=None,
-                   help="DiT weights (default: bf16 on GPU, fp32 on CPU)")
+                   help="DiT weights (default: bf16 on GPU, fp32 on CPU); a GGUF --dit keeps its quantized "
+                        "weights and this sets its compute dtype (bf16/fp16/fp32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     for part in ("dit", "lora", "vae", "text-encoder", "tokenizer", "audio-encoder"):
         p.add_argument(f"--{part}", default=None, help=f"explicit path of the {part.replace('-', ' ')} (overrides --models)")

@@ -6,6 +6,8 @@ so every example runs unchanged on a CPU (with meaningless output: random weight
 =====================================================  =====================================================
 ``diffusion_models/wan2.2_s2v_14B_bf16.safetensors``   ComfyUI single file, ``model.diffusion_model.`` keys, bf16
 ``diffusion_models/wan2.2_s2v_14B_fp8_scaled.safetensors``  the same with fp8 e4m3 weights + ``scale_weight``
+``diffusion_models/Wan2.2-S2V-14B-Q8_0.gguf``, ``-Q4_0.gguf``  GGUF in ComfyUI-GGUF's layout (blocks' Linears
+                                                       quantized, 5-D Conv3d weights F32; ``gguf_write``)
 ``loras/liveavatar.safetensors``                       PEFT LoRA (``base_model.model.<module>.lora_A/B``)
 ``vae/wan_2.1_vae.safetensors``                        Wan 2.1 VAE, Wan's key names (base width 4, not 96)
 ``text_encoders/umt5_xxl_fp16.safetensors``            umT5 encoder, Hugging Face key names, fp16
@@ -32,6 +34,8 @@ from pathlib import Path
 import torch
 
 DIT_FILES = ("wan2.2_s2v_14B_bf16.safetensors", "wan2.2_s2v_14B_fp8_scaled.safetensors")
+GGUF_TYPES = ("Q8_0", "Q4_0")  # the tiny dim (128) is not a multiple of the K-quants' 256-value blocks
+GGUF_FILES = tuple(f"Wan2.2-S2V-14B-{q}.gguf" for q in GGUF_TYPES)
 LORA_FILE = "liveavatar.safetensors"
 VAE_FILE = "wan_2.1_vae.safetensors"
 TEXT_FILE = "umt5_xxl_fp16.safetensors"
@@ -65,6 +69,7 @@ def write_dit(folder: Path, seed: int = 0) -> list[Path]:
     from ..liveavatar.tiny import tiny_transformer
     from ..liveavatar.transformer import LiveAvatarTransformer
     from ..model_loaders.fp8 import fp8_target_names
+    from ..model_loaders.gguf_write import write_gguf_dit
 
     model = tiny_transformer(seed=seed, cfg=tiny_dit_config())
     sd = model.state_dict()
@@ -87,6 +92,8 @@ def write_dit(folder: Path, seed: int = 0) -> list[Path]:
             fp8[PREFIX + k] = plain(k, v)
     fp8[PREFIX + "scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     out.append(_save(fp8, folder / DIT_FILES[1]))
+    for qtype, name in zip(GGUF_TYPES, GGUF_FILES):
+        out.append(write_gguf_dit(sd, folder / name, qtype))
     return out
 
 

@@ -48,6 +48,7 @@ from ..liveavatar.lora import LoraError, LoraReport, peft_wrapped
 from ..liveavatar.transformer import LiveAvatarTransformer
 from .formats import KIND_NAMES, Checkpoint, ModelFileError, open_checkpoint
 from .fp8 import FP8Linear, fp8_target_names, quantize_fp8_into, replace_linears
+from .gguf_file import GGUFCheckpoint
 from .lora_file import LoraFile, read_lora
 
 __all__ = ["load_dit", "DiTLoadReport", "infer_dit_config", "PRECISIONS", "ModelFileError"]
@@ -72,6 +73,9 @@ class DiTLoadReport:
     tensors: int = 0
     fp8_layers: int = 0
     fp8_from_file: int = 0  # fp8 weights taken from the file as they were (no re-quantisation)
+    gguf_layers: int = 0  # GGUFLinear layers (weights kept quantized as in the GGUF file)
+    lora_mode: str = "merge"  # GGUF files: "runtime" (low-rank term per call) or "merge" (requantized)
+    requant_error: float | None = None  # GGUF merge-at-load: relative L2 error requantizing the merged weights added
     lora: LoraReport | None = None
     lora_path: Path | None = None
     lora_alpha_source: str | None = None
@@ -88,8 +92,14 @@ class DiTLoadReport:
         )
         if self.fp8_layers:
             text += f"; {self.fp8_layers} fp8 Linears"
+        if self.gguf_layers:
+            text += f"; {self.gguf_layers} quantized GGUF Linears"
         if self.lora is not None:
             text += f"; LoRA {self.lora_path.name}: {self.lora.summary()} (alpha from {self.lora_alpha_source})"
+            if self.gguf_layers and self.lora_mode == "runtime":
+                text += ", applied at run time on the quantized layers"
+            if self.requant_error is not None:
+                text += f", merged and requantized (added error {100 * self.requant_error:.2f}% of the merged weights)"
         if self.skipped:
             text += f"; ignored {len(self.skipped)} unexpected tensors (e.g. {self.skipped[0]})"
         return text
@@ -268,13 +278,15 @@ def load_dit(
     lora_alpha: float | None = None,
     strict: bool = True,
     fp8_per_channel: bool = False,
+    lora_mode: str = "runtime",
 ) -> tuple[LiveAvatarTransformer, DiTLoadReport]:
     """Load a DiT checkpoint (file or sharded directory), merge ``lora``, store in ``precision``.
 
     precision: "bf16" | "fp16" | "fp32" | "fp8" (fp8 e4m3fn weights for the blocks' and audio
     injectors' Linears, bf16 for the rest; ``keep_in_fp32`` modules stay float32 always).
     Raises ``ModelFileError`` (a ValueError) for a wrong, incomplete, mismatched or truncated
-    file or LoRA; nothing stays allocated then.
+    file or LoRA; nothing stays allocated then. A GGUF file goes to ``gguf_dit.load_gguf_dit``
+    (quantized Linears kept quantized; ``lora_mode`` "runtime" or "merge" for the LoRA on them).
     """
     t0 = time.perf_counter()
     if precision not in PRECISIONS:
@@ -285,6 +297,14 @@ def load_dit(
     model = None
     lora_file = None
     ckpt = open_checkpoint(path)
+    if isinstance(ckpt, GGUFCheckpoint):
+        from .gguf_dit import load_gguf_dit
+
+        try:
+            return load_gguf_dit(ckpt, lora, precision, device, config, lora_alpha=lora_alpha, strict=strict,
+                                 lora_mode=lora_mode, t0=t0)
+        finally:
+            ckpt.close()
     try:
         if ckpt.kind != "liveavatar_dit":
             raise ModelFileError(f"{path}: expected {_EXPECTED}; found a {KIND_NAMES[ckpt.kind]} file ({ckpt.sample_keys()})")

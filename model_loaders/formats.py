@@ -12,7 +12,8 @@ Formats handled (detected from the file's content, never from its name):
   ``<layer>.comfy_quant`` JSON tensor). Both mean ``real_weight = fp8_weight * scale``;
 * ``.pth``/``.pt``/``.bin``/``.ckpt`` files, read ONLY with
   ``torch.load(weights_only=True, mmap=True)``;
-* PEFT LoRA files (``lora_A``/``lora_B``; ``lora_down``/``lora_up`` are recognised too).
+* PEFT LoRA files (``lora_A``/``lora_B``; ``lora_down``/``lora_up`` are recognised too);
+* GGUF files (``GGUF`` magic; ComfyUI-GGUF's layout, quantized types): ``gguf_file.GGUFCheckpoint``.
 
 Safetensors are read with plain positioned file reads into freshly allocated tensors (no
 memory map), so a loader that materialises one tensor at a time holds one tensor of extra host
@@ -663,6 +664,10 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     check_regular(path)  # before open(): a FIFO would block it
     with open_regular(path) as f:
         magic = f.read(9)
+    if magic[:4] == b"GGUF":  # ComfyUI-GGUF / llama.cpp quantized files
+        from .gguf_file import open_gguf
+
+        return open_gguf(path)
     # safetensors: an 8-byte header length, then the JSON header's "{" (checked first: the length's
     # low byte may be 0x80, a pickle's first byte); zip (torch.save) and legacy pickles never have it
     if magic[8:9] != b"{" and (magic[:2] == b"PK" or magic[:1] == b"\x80"):

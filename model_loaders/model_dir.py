@@ -29,7 +29,8 @@ PARTS = ("dit", "lora", "vae", "text_encoder", "tokenizer", "audio_encoder")
 
 WHERE = {
     "dit": "Wan-AI/Wan2.2-S2V-14B (the sharded diffusion_pytorch_model-*.safetensors + config.json), "
-    "or ComfyUI's wan2.2_s2v_14B_bf16.safetensors / _fp8_scaled.safetensors in models/diffusion_models/",
+    "or ComfyUI's wan2.2_s2v_14B_bf16.safetensors / _fp8_scaled.safetensors (or a Wan2.2-S2V-14B-*.gguf) "
+    "in models/diffusion_models/",
     "lora": "Quark-Vision/Live-Avatar: liveavatar.safetensors (ComfyUI: models/loras/)",
     "vae": "Wan2.2-S2V-14B/Wan2.1_VAE.pth, or ComfyUI's wan_2.1_vae.safetensors in models/vae/",
     "text_encoder": "Wan2.2-S2V-14B/models_t5_umt5-xxl-enc-bf16.pth, or ComfyUI's umt5_xxl_fp16.safetensors "
@@ -40,7 +41,7 @@ WHERE = {
 }
 
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model")
-_WEIGHT_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".bin", ".ckpt")
+_WEIGHT_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".bin", ".ckpt", ".gguf")
 _FOLDERS = {  # ComfyUI's models/ sub-folders per part
     "dit": ("diffusion_models", "unet"),
     "text_encoder": ("text_encoders", "clip"),
@@ -248,7 +249,8 @@ def _score(part: str, path: Path, is_dir: bool) -> int:
             return 3 if _name_has(name, "s2v") or any(p.name.startswith("diffusion") for p in path.glob("*.index.json")) else 1
         if folder == "loras":
             return 0
-        return 3 if _name_has(name, "s2v") else 2 if in_folder else 0
+        score = 3 if _name_has(name, "s2v") else 2 if in_folder else 0
+        return score - 1 if score and path.suffix == ".gguf" else score  # beside a bf16/fp8 file, that one wins
     if part == "lora":
         return 3 if not is_dir and _name_has(name, "liveavatar") else 0
     if part == "vae":

@@ -243,9 +243,13 @@ class BlockSwapper:
             self.log.append((what, k))
 
     def _drop(self, k: int) -> None:
-        """Point block k at its host copy (or at NaN placeholders, in guard mode: any use shows)."""
+        """Point block k at its host copy (or at NaN placeholders, in guard mode: any use shows).
+
+        Integer tensors (GGUF blocks, uint8) get all bits set: their fp16 block scales read as NaN.
+        """
         if self.guard:
-            self.slots[k].set([torch.full_like(t, float("nan")) for t in self.host[k]])
+            self.slots[k].set([torch.full_like(t, float("nan") if t.is_floating_point() else torch.iinfo(t.dtype).max)
+                               for t in self.host[k]])
         else:
             self.slots[k].set(self.host[k])
 

@@ -41,6 +41,7 @@ import torch.nn as nn
 
 from ..liveavatar.config import DiTConfig, SamplerConfig
 from ..liveavatar.schedule import assign_steps
+from .gguf_quants import QUANT_TYPES
 from .placement import PlacementConfig, dtype_name
 
 GiB = 1024**3
@@ -48,6 +49,10 @@ PRECISIONS = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 # bytes per parameter outside the fp8 Linears (fp8: bf16, the compute dtype of FP8Linear)
 STORAGE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
 FP8_SCOPES = ("blocks", "audio_injector")
+# GGUF files: those scopes' Linear weights in a GGML type at (block bytes, block values) each (bytes per
+# parameter = ratio), kept quantized on the device (GGUFLinear); the rest in bf16 (load_gguf_dit's storage),
+# plus the LoRA GGUFLinear applies at run time (weight_bytes' lora_rank)
+GGUF_BYTES = {q.name: (q.type_size, q.block_size) for q in QUANT_TYPES.values() if q.quantized}
 
 
 # ---------------------------------------------------------------------------- sizes of other models
@@ -210,15 +215,18 @@ class WeightCount:
 _WEIGHT_CACHE: dict = {}
 
 
-def weight_bytes(cfg: DiTConfig, precision: str) -> WeightCount:
-    """Bytes of the DiT's weights in ``precision``, counted on a meta-device model."""
-    key = (cfg, precision)
+def weight_bytes(cfg: DiTConfig, precision: str, lora_rank: int | None = None) -> WeightCount:
+    """Bytes of the DiT's weights in ``precision``, counted on a meta-device model.
+
+    GGUF types also count the run-time LoRA their loader keeps (bf16 A and B of rank ``lora_rank``,
+    default LiveAvatar's 128, on the quantized q,k,v,o,ffn.0,ffn.2; 0: no LoRA)."""
+    key = (cfg, precision, lora_rank)
     if key in _WEIGHT_CACHE:
         return _WEIGHT_CACHE[key]
     from ..liveavatar.transformer import LiveAvatarTransformer
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if precision not in PRECISIONS and precision not in GGUF_BYTES:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)} or a GGUF type {sorted(GGUF_BYTES)}, got {precision!r}")
     with torch.device("meta"):
         model = LiveAvatarTransformer(cfg)
     keep = LiveAvatarTransformer.keep_in_fp32
@@ -234,8 +242,11 @@ def weight_bytes(cfg: DiTConfig, precision: str) -> WeightCount:
             nbytes = 4 * p.numel()
         elif precision == "fp8" and name in linear_weights:
             nbytes = p.numel() + 4  # float8 values + one float32 scale per tensor
-        else:  # everything else in the storage dtype; fp8 keeps it in bf16 (load_dit's _target_dtype)
-            nbytes = STORAGE_BYTES[precision] * p.numel()
+        elif precision in GGUF_BYTES and name in linear_weights:
+            type_size, values = GGUF_BYTES[precision]
+            nbytes = p.numel() // values * type_size  # the file's blocks, as GGUFLinear keeps them
+        else:  # everything else in the storage dtype; fp8 and GGUF keep it in bf16 (load_dit's _target_dtype)
+            nbytes = STORAGE_BYTES.get(precision, 2) * p.numel()
         if parts[0] == "blocks":
             if parts[1] == "0":
                 block += nbytes
@@ -243,6 +254,18 @@ def weight_bytes(cfg: DiTConfig, precision: str) -> WeightCount:
         else:
             base += nbytes
             base_params += p.numel()
+    if precision in GGUF_BYTES:  # the run-time LoRA of the quantized Linears (gguf_linear.GGUFLinear.set_lora)
+        from ..liveavatar.lora import LIVEAVATAR_RANK, peft_wrapped
+
+        rank = LIVEAVATAR_RANK if lora_rank is None else lora_rank
+        for mname, m in model.named_modules():
+            if rank and f"{mname}.weight" in linear_weights and peft_wrapped([mname]):
+                nbytes = 2 * rank * (m.in_features + m.out_features)
+                parts = mname.split(".")
+                if parts[0] != "blocks":
+                    base += nbytes
+                elif parts[1] == "0":
+                    block += nbytes
     out = WeightCount(block, base, block_params, base_params)
     _WEIGHT_CACHE[key] = out
     return out
@@ -1208,6 +1231,17 @@ def dit_config_of(path) -> DiTConfig:
             raise ModelFileError(f"{ckpt.path}: cannot infer the DiT configuration: {exc}") from None
 
 
+def gguf_type_of(path) -> str | None:
+    """The main quantized type of a GGUF DiT file (what the planner counts), None for other files."""
+    from .gguf_file import is_gguf, open_gguf
+
+    if not is_gguf(path):
+        return None
+    with open_gguf(path) as ckpt:
+        main = ckpt.main_type()
+    return main if main in GGUF_BYTES else None
+
+
 def preload_host_check(dit_path, precision: str, width: int, height: int, sampler_cfg: SamplerConfig,
                        device, host_ram_gib: float | None = None, margin: float = 0.05) -> Verdict:
     """Before ``generate`` loads anything: does its single-process run fit the host RAM?
@@ -1220,6 +1254,7 @@ def preload_host_check(dit_path, precision: str, width: int, height: int, sample
     if host_ram_gib is None:
         host_ram_gib = available_host_ram_gib()
     cfg = dit_config_of(dit_path)
+    precision = gguf_type_of(dit_path) or precision  # a GGUF file's weights stay in its type
     plan = plan_memory(cfg, precision, width, height, sampler_cfg, PlacementConfig(device=str(device)))
     terms = [t for t in plan.host if not t.name.startswith("encoders")]
     if device.type == "cpu":
@@ -1241,7 +1276,7 @@ __all__ = [
     "weight_bytes", "geometry", "cache_bytes", "activation_terms", "vae_decode_bytes",
     "plan_memory", "verdict", "choose_placement", "parse_gpus", "parse_size",
     "SpeedModel", "Timing", "block_step_flops", "call_flops", "available_host_ram_gib", "STORAGE_BYTES",
-    "dit_config_of", "preload_host_check",
+    "dit_config_of", "preload_host_check", "GGUF_BYTES", "gguf_type_of",
     "Link", "LINKS", "link_for", "WireBytes", "layout_wire_bytes", "Layout", "LayoutOption", "LayoutChoice",
     "enumerate_layouts", "choose_layout",
 ]

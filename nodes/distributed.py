@@ -143,7 +143,7 @@ class DistributedLauncher(io.ComfyNode):
                         "the files themselves and stay warm between prompts; free their GPUs with "
                         "'LiveAvatar Release Workers' (ComfyUI's model management cannot unload them).",
             inputs=[
-                io.Combo.Input("dit_name", options=runtime.model_files("diffusion_models"),
+                io.Combo.Input("dit_name", options=runtime.dit_files(),
                                tooltip="Wan2.2-S2V-14B DiT from models/diffusion_models; every worker loads it "
                                        "(other machines: the same file, see the agent's --models)."),
                 io.Combo.Input("lora_name", options=[runtime.NONE] + runtime.model_files("loras"),
@@ -190,7 +190,7 @@ class DistributedLauncher(io.ComfyNode):
                 nnodes=1, rdzv_endpoint="", channel_host="127.0.0.1", nccl_p2p_disable=False) -> io.NodeOutput:
         from ..distributed.launcher import check_gpus, shared_pool
 
-        dit_path = runtime.model_path("diffusion_models", dit_name)
+        dit_path = runtime.dit_path(dit_name)
         lora_path = None if lora_name == runtime.NONE else runtime.model_path("loras", lora_name)
         options = pool_options(dit_path, dit_name, lora_path, None if lora_path is None else lora_name, precision, gpus,
                                workers, mode, idle_timeout_min, threads_per_worker, nnodes, rdzv_endpoint, channel_host,

@@ -106,16 +106,18 @@ class ModelLoader(io.ComfyNode):
             category=types.CATEGORY,
             description="Loads the Wan2.2-S2V-14B DiT, merges the LiveAvatar LoRA into it and stores it in the chosen precision.",
             inputs=[
-                io.Combo.Input("dit_name", options=runtime.model_files("diffusion_models"),
+                io.Combo.Input("dit_name", options=runtime.dit_files(),
                                tooltip="Wan2.2-S2V-14B DiT from models/diffusion_models (e.g. wan2.2_s2v_14B_bf16.safetensors "
-                                       "or the fp8_scaled file, or Wan-AI's sharded index).", ),
+                                       "or the fp8_scaled file, or Wan-AI's sharded index), or a GGUF quantization "
+                                       "(*.gguf, also from models/unet; Q8_0 ... Q3_K, kept quantized).", ),
                 io.Combo.Input("lora_name", options=[runtime.NONE] + runtime.model_files("loras"),
                                default="liveavatar.safetensors",
                                tooltip="The LiveAvatar LoRA (liveavatar.safetensors from Quark-Vision/Live-Avatar) in models/loras; "
                                        "merged before quantization. 'none' runs the base S2V model (not few-step: poor results)."),
                 io.Combo.Input("precision", options=PRECISIONS, default="bf16",
                                tooltip="Weight precision. fp8 halves the weight memory (e4m3 weights, bf16 compute); "
-                                       "bf16 is the reference; fp32 only for tests."),
+                                       "bf16 is the reference; fp32 only for tests. A GGUF file keeps its quantized "
+                                       "weights (the LoRA is then applied at run time); bf16/fp16/fp32 set its compute dtype."),
                 types.Placement.Input("placement", optional=True,
                                       tooltip="Optional placement (block swap, KV cache offload) from 'LiveAvatar Placement'; "
                                               "without it the whole model lives on the GPU."),
@@ -125,13 +127,16 @@ class ModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, dit_name, lora_name, precision, placement=None) -> io.NodeOutput:
-        dit_path = runtime.model_path("diffusion_models", dit_name)
+        dit_path = runtime.dit_path(dit_name)
         lora_path = None if lora_name == runtime.NONE else runtime.model_path("loras", lora_name)
         dev = runtime.device()
         if placement is not None and placement.device != str(dev):
             placement = _with_device(placement, dev)
         model, summary = load_dit_model(dit_path, lora_path, precision, placement, dev)
-        holder = LiveAvatarModel(model, dit_name, summary, placement=placement, precision=precision)
+        from ..model_loaders.planner import gguf_type_of
+
+        # the planner counts a GGUF file's weights in its quantized type
+        holder = LiveAvatarModel(model, dit_name, summary, placement=placement, precision=gguf_type_of(dit_path) or precision)
         if placement is not None:
             from ..model_loaders.placement import apply_placement
 

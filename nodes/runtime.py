@@ -56,6 +56,42 @@ def model_files(kind: str) -> list[str]:
     return list(folder_paths.get_filename_list(kind))
 
 
+DIT_FOLDERS = ("diffusion_models", "unet")  # ComfyUI-GGUF users keep their .gguf DiTs in either
+_GGUF = ".gguf"
+
+
+def _folder_paths(kind: str) -> list[str]:
+    try:
+        return list(folder_paths.get_folder_paths(kind))
+    except (KeyError, AttributeError):
+        return []
+
+
+def dit_files() -> list[str]:
+    """DiT files: what ComfyUI lists in diffusion_models, plus ``.gguf`` files there and in ``unet``.
+
+    ComfyUI lists only its own weight extensions; GGUF files are found here by walking the
+    folders (ComfyUI's table of extensions stays untouched, whatever other packs do with it).
+    """
+    names = set(model_files("diffusion_models"))
+    for kind in DIT_FOLDERS:
+        for root in _folder_paths(kind):
+            if os.path.isdir(root):
+                for dirpath, _dirs, files in os.walk(root, followlinks=True):
+                    names.update(os.path.relpath(os.path.join(dirpath, f), root) for f in files if f.lower().endswith(_GGUF))
+    return sorted(names)
+
+
+def dit_path(name: str) -> Path:
+    """Full path of a DiT listed by :func:`dit_files` (diffusion_models first, then unet)."""
+    for kind in DIT_FOLDERS:
+        for root in _folder_paths(kind):
+            path = os.path.join(root, name)
+            if os.path.isfile(path) and Path(path).resolve().is_relative_to(Path(root).resolve()):
+                return Path(path)
+    return model_path("diffusion_models", name)
+
+
 def model_path(kind: str, name: str) -> Path:
     """Full path of ``name`` in folder ``kind``; a clear error naming the folder when absent."""
     path = folder_paths.get_full_path(kind, name)
