@@ -5,7 +5,7 @@
 ``worker``     the file torchrun runs (bootstraps the pack under its fixed name)
 ``agent``      the other machines of a multi-machine pool (``python -m liveavatar worker-agent``)
 ``runtime``    what a rank does: model build, tpp and sp rank loops
-``sharding``   sp pieces: heads split across ranks (attention_backend), FSDP2 weight shards
+``sharding``   sp pieces: heads split across ranks (attention processor), FSDP2 weight shards
 ``protocol``   length-prefixed, pickle-free channel messages (auth frame first, bounded, never inflated)
 ``handshake``  the head authenticating new channel connections concurrently, ~1 s each
 ``torchrun``   torchrun's entry with the stores it hosts bound to one address (loopback on one machine)

@@ -426,7 +426,8 @@ class SPRank:
 
         self.model, self.rank, self.world, self.comm = model, rank, world, comm_device
         self.backend = HeadSplit(model.cfg.num_heads, rank, world)
-        model.attention_backend = self.backend
+        for block in model.blocks:
+            block.self_attn.set_processor(self.backend)
         mesh = init_device_mesh(comm_device.type, (world,))
         self.units = shard_model(model, mesh)
 

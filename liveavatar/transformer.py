@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import DEFAULT_PROCESSOR, AttnProcessor, attention
 from .config import DiTConfig
 from .kv_cache import CondCache, KVCache
 from .rope import TokenGrid, apply_rope, device_rope_table, sampled_positions
@@ -42,11 +43,6 @@ def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Unmasked softmax attention on [B, H, L, D] tensors."""
-    return F.scaled_dot_product_attention(q, k, v)
-
-
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
     """[N] timesteps -> [N, dim] = [cos, sin] of t * 10000^(-k/half), computed in float64."""
     half = dim // 2
@@ -56,9 +52,12 @@ def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
+    """q/k/v/o projections; how the attention runs is the layer's ``processor`` (liveavatar/attention.py)."""
+
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
+        self.processor: AttnProcessor = DEFAULT_PROCESSOR
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -78,16 +77,24 @@ class SelfAttention(nn.Module):
         """[B, H, L, D] -> o([B, L, dim])."""
         return self.o(y.transpose(1, 2).flatten(2))
 
+    def set_processor(self, processor: AttnProcessor) -> AttnProcessor:
+        """Install ``processor``; returns the previous one (to restore it later)."""
+        previous, self.processor = self.processor, processor
+        return previous
+
+    def forward(self, x: torch.Tensor, attend) -> torch.Tensor:
+        """x [B, L, dim]; ``attend(q, k, v) -> y`` runs the attention against the right cache."""
+        return self.processor.self_attention(self, x, attend)
+
 
 class CrossAttention(SelfAttention):
     """Attention to a fixed context (text or audio tokens); its keys/values can be precomputed."""
 
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.heads(self.norm_k(self.k(context))), self.heads(self.v(context))
+        return self.processor.context_kv(self, context)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        q = self.heads(self.norm_q(self.q(x)))
-        return self.out(attention(q, *kv))
+        return self.processor.cross_attention(self, x, kv)
 
 
 class DiTBlock(nn.Module):
@@ -119,8 +126,7 @@ class DiTBlock(nn.Module):
             return (y.float().view(groups, -1, y.shape[-1]) * gate).view(y.shape)
 
         n = modulated(layer_norm(x, self.eps), shift1, scale1).to(dtype)
-        q, k, v = self.self_attn.qkv(n)
-        x = x.float() + gated(self.self_attn.out(attend(q, k, v)), gate1)
+        x = x.float() + gated(self.self_attn(n, attend), gate1)
         x = x + self.cross_attn(self.norm3(x.to(dtype)), text_kv).float()
         n = modulated(layer_norm(x, self.eps), shift2, scale2).to(dtype)
         x = x + gated(self.ffn(n), gate2)
@@ -277,10 +283,6 @@ class LiveAvatarTransformer(nn.Module):
 
     # Small modules upstream runs under float32 autocast; they stay float32 in any precision.
     keep_in_fp32 = ("time_embedding", "time_projection", "casual_audio_encoder", "modulation")
-    # Optional self-attention router (e.g. heads split across ranks): ``scatter(t)`` maps q, k, v
-    # [B, H, L, D] to the heads this process attends (and caches), ``gather(y)`` maps the
-    # attention output of those heads back to all H heads. None: attend all heads here.
-    attention_backend = None
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -316,12 +318,9 @@ class LiveAvatarTransformer(nn.Module):
     def device(self) -> torch.device:
         return self.patch_embedding.weight.device
 
-    def routed(self, attend):
-        """``attend`` through ``attention_backend`` when one is set."""
-        backend = self.attention_backend
-        if backend is None:
-            return attend
-        return lambda q, k, v: backend.gather(attend(backend.scatter(q), backend.scatter(k), backend.scatter(v)))
+    def attention_layers(self) -> list[SelfAttention]:
+        """Every attention layer (self, text cross, audio injector), for ``set_processor``."""
+        return [m for m in self.modules() if isinstance(m, SelfAttention)]
 
     def sink_tokens(self, h: int, w: int) -> int:
         """Number of sink tokens (reference + packed motion) at latent size h x w."""
@@ -377,7 +376,7 @@ class LiveAvatarTransformer(nn.Module):
                 cond.write(layer, k, v)
                 return attention(apply_rope(q, table), apply_rope(k, table), v)
 
-            x = block(x, m0, text.kv[layer], self.routed(attend))
+            x = block(x, m0, text.kv[layer], attend)
 
     # ----------------------------------------------------------------- block
     def encode_audio(self, audio: torch.Tensor, prefix_frames: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -449,7 +448,7 @@ class LiveAvatarTransformer(nn.Module):
                 values = torch.cat([cv, sv], dim=2)
                 return attention(apply_rope(q, table), keys, values)
 
-            tokens = block(tokens, m, text.kv[layer], self.routed(attend))
+            tokens = block(tokens, m, text.kv[layer], attend)
             injector = self.injector_of_layer.get(layer)
             if injector is not None:
                 audio_kv = self.audio_injector.injector[injector].context_kv(audio_tokens)
