@@ -14,10 +14,12 @@ decode rank (``PoolOptions(decode_rank=True)``) the world has one more rank, las
 holds only the VAE: the last DiT rank hands it the stop decisions and clean blocks the same
 way, and it streams decoded uint8 frames to the parent (``DecodeRank``).
 
-``sp`` (sequence/head parallel): every rank runs the whole sampler on the same inputs, but
-attends and caches only its share of the heads (``HeadSplit``) and holds only a shard
-of the weights (FSDP2, resharded after each unit's forward). Rank 0 streams the blocks;
-a one-element broadcast from rank 0 before every step (DiT call) agrees on a cancel.
+``sp`` (Ulysses sequence parallel, ``ulysses.py``): every rank runs the whole sampler on the same
+inputs, but every layer only on its 1/N of the tokens, with two all-to-alls around each
+self-attention; it caches only its share of the heads and (``shard_weights``) holds only a
+shard of the weights (FSDP2, resharded after each unit's forward, next block prefetched).
+Rank 0 streams the blocks; a one-element broadcast from rank 0 before every step (DiT call)
+agrees on a cancel.
 
 The math is the engine's (``StepWorker``/``StreamingSampler``); nothing here changes it.
 
@@ -57,7 +59,8 @@ from ..liveavatar.sampler import (
     flow_schedule,
 )
 from . import protocol
-from .sharding import HeadSplit, parameter_bytes, shard_model
+from .sharding import parameter_bytes, shard_model
+from .ulysses import enable_ulysses
 
 EXIT_PARENT_GONE = 3
 TRACEBACK_TAIL = 4000
@@ -421,23 +424,24 @@ def build_vae(spec: dict, device: torch.device):
 
 
 class SPRank:
-    def __init__(self, model, rank: int, world: int, comm_device: torch.device):
+    """Ulysses over all ranks: each runs every DiT call on its 1/N of the tokens (``ulysses.py``)."""
+
+    def __init__(self, model, rank: int, world: int, comm_device: torch.device, shard_weights: bool = True):
         from torch.distributed.device_mesh import init_device_mesh
 
         self.model, self.rank, self.world, self.comm = model, rank, world, comm_device
-        self.backend = HeadSplit(model.cfg.num_heads, rank, world)
-        for block in model.blocks:
-            block.self_attn.set_processor(self.backend)
+        self.ulysses = enable_ulysses(model, rank, world)
         mesh = init_device_mesh(comm_device.type, (world,))
-        self.units = shard_model(model, mesh)
+        self.units = shard_model(model, mesh) if shard_weights else []
+        self.heads = (self.ulysses.head_start, self.ulysses.head_stop)
 
     def ready_info(self) -> dict:
-        return {"param_bytes": parameter_bytes(self.model, self.units), "heads": (self.backend.start, self.backend.stop)}
+        return {"param_bytes": parameter_bytes(self.model, self.units), "heads": self.heads}
 
     def run(self, job: Job, inbox: Inbox, conn: protocol.Connection) -> dict:
         model, cfg, rank = self.model, job.cfg, self.rank
         text = model.embed_text(job.text)
-        storage = CacheStorage(device=model.device, dtype=model.dtype, heads=(self.backend.start, self.backend.stop))
+        storage = CacheStorage(device=model.device, dtype=model.dtype, heads=self.heads)
         counter = {"n": 0, "g": 0}
         order = job.order()
 
@@ -467,7 +471,9 @@ class SPRank:
             stopped_at = order[counter["g"]]
         return {
             "steps": list(range(cfg.steps)),
-            "heads": (self.backend.start, self.backend.stop),
+            "heads": self.heads,
+            "tokens_per_call": self.ulysses.tokens,
+            "all_to_all_bytes": self.ulysses.sent_bytes,
             "dit_calls": sum(w.calls for w in sampler.workers),
             "calls_per_step": {w.step: w.calls for w in sampler.workers},
             "block_times": times,
@@ -476,7 +482,7 @@ class SPRank:
             "cond_cache_bytes": sampler.cond.nbytes(),
             "param_bytes": parameter_bytes(model, self.units),
             "param_bytes_between_blocks": between,
-            "attention_gathers": self.backend.gathers,
+            "all_to_alls": self.ulysses.all_to_alls,
         }
 
 

@@ -13,6 +13,7 @@ instead of rebinding the layer's methods, so a new layout plugs in by writing a 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -26,6 +27,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return F.scaled_dot_product_attention(q, k, v)
 
 
+@dataclass
+class SegmentedKV:
+    """Cross-attention context per token range: tokens [a, b) of x attend ``kv`` (e.g. each latent
+    frame its own audio tokens, for a sequence-parallel slice that spans frames)."""
+
+    parts: list[tuple[int, int, KV]]
+
+
 class AttnProcessor:
     """Default processor: all heads of all tokens attended here."""
 
@@ -34,8 +43,10 @@ class AttnProcessor:
         q, k, v = attn.qkv(x)
         return attn.out(attend(q, k, v))
 
-    def cross_attention(self, attn, x: torch.Tensor, kv: KV) -> torch.Tensor:
+    def cross_attention(self, attn, x: torch.Tensor, kv: KV | SegmentedKV) -> torch.Tensor:
         q = attn.heads(attn.norm_q(attn.q(x)))
+        if isinstance(kv, SegmentedKV):  # one projection of all tokens, one attention per range
+            return attn.out(torch.cat([attention(q[:, :, a:b], *part) for a, b, part in kv.parts], dim=2))
         return attn.out(attention(q, *kv))
 
     def context_kv(self, attn, context: torch.Tensor) -> KV:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import DEFAULT_PROCESSOR, AttnProcessor, attention
+from .attention import DEFAULT_PROCESSOR, AttnProcessor, SegmentedKV, attention
 from .config import DiTConfig
 from .kv_cache import CondCache, KVCache
 from .rope import TokenGrid, apply_rope, device_rope_table, sampled_positions
@@ -41,6 +41,26 @@ class RMSNorm(nn.Module):
 def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm without affine parameters, in float32."""
     return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+
+
+Segments = list  # [(row, a, b)]: tokens [a, b) of a local slice use modulation row ``row``
+
+
+def token_segments(start: int, stop: int, group: int) -> Segments:
+    """Rows of the tokens [start, stop) of a sequence whose rows each cover ``group`` tokens, as
+    (row, a, b) with a, b relative to ``start`` (a sequence-parallel rank holds such a slice)."""
+    out, t = [], start
+    while t < stop:
+        row = t // group
+        end = min(stop, (row + 1) * group)
+        out.append((row, t - start, end - start))
+        t = end
+    return out
+
+
+def per_row(h: torch.Tensor, segments: Segments, fn) -> torch.Tensor:
+    """``fn(h[:, a:b], row)`` for every segment, concatenated along tokens."""
+    return torch.cat([fn(h[:, a:b], row) for row, a, b in segments], dim=1)
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -110,19 +130,24 @@ class DiTBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
 
-    def forward(self, x, mod, text_kv, attend):
+    def forward(self, x, mod, text_kv, attend, segments: Segments | None = None):
         """x [1, L, dim]; mod [G, 6, dim] float32, one row per group of L/G tokens.
 
         ``attend(q, k, v) -> y`` runs the self-attention against the right cache.
+        ``segments``: x is a slice of the sequence (sequence parallel); its rows (``token_segments``).
         """
         dtype = x.dtype
         groups = mod.shape[0]
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + mod).unsqueeze(2).unbind(1)
 
         def modulated(h, shift, scale):  # h [1, L, dim] float32 -> per-group modulation
+            if segments is not None:
+                return per_row(h, segments, lambda p, g: p * (1 + scale[g]) + shift[g])
             return (h.view(groups, -1, h.shape[-1]) * (1 + scale) + shift).view_as(h)
 
         def gated(y, gate):
+            if segments is not None:
+                return per_row(y.float(), segments, lambda p, g: p * gate[g])
             return (y.float().view(groups, -1, y.shape[-1]) * gate).view(y.shape)
 
         n = modulated(layer_norm(x, self.eps), shift1, scale1).to(dtype)
@@ -140,11 +165,14 @@ class Head(nn.Module):
         self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x [1, F*fsl, dim], e [F, dim] float32 time embedding per frame."""
+    def forward(self, x: torch.Tensor, e: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:
+        """x [1, F*fsl, dim] (or the slice ``segments`` describes), e [F, dim] float32 time embedding per frame."""
         shift, scale = (self.modulation.float() + e[:, None]).unsqueeze(2).unbind(1)  # [F, 1, dim]
         n = layer_norm(x, self.eps)
-        n = (n.view(e.shape[0], -1, n.shape[-1]) * (1 + scale) + shift).view_as(n)
+        if segments is not None:
+            n = per_row(n, segments, lambda p, g: p * (1 + scale[g]) + shift[g])
+        else:
+            n = (n.view(e.shape[0], -1, n.shape[-1]) * (1 + scale) + shift).view_as(n)
         return self.head(n.to(x.dtype))
 
 
@@ -216,9 +244,12 @@ class AdaLayerNorm(nn.Module):
         super().__init__()
         self.linear = nn.Linear(dim, 2 * dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x [N, T, dim], cond [N, dim]."""
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:
+        """x [N, T, dim], cond [N, dim]; with ``segments``: x [1, T, dim], cond row ``row`` per segment."""
         shift, scale = self.linear(F.silu(cond)).chunk(2, dim=-1)
+        if segments is not None:
+            n = layer_norm(x, 1e-5)
+            return per_row(n, segments, lambda p, g: p * (1 + scale[g].float()) + shift[g].float()).to(x.dtype)
         return (layer_norm(x, 1e-5) * (1 + scale[:, None].float()) + shift[:, None].float()).to(x.dtype)
 
 
@@ -301,6 +332,13 @@ class LiveAvatarTransformer(nn.Module):
         self.trainable_cond_mask = nn.Embedding(3, dim)  # 0 noisy, 1 reference, 2 motion
         self.frame_packer = FramePacker(cfg)
         self.injector_of_layer = {layer: j for j, layer in enumerate(cfg.audio_inject_layers)}
+        # Sequence parallel (distributed/ulysses.py): ``shard(n) -> (start, stop)`` is this process's
+        # slice of an n-token sequence, ``gather(local, n)`` the whole [1, n, C] back. None: all here.
+        self.sequence_parallel = None
+
+    def set_sequence_parallel(self, split) -> None:
+        """Run every block on a slice of the tokens (``split``, e.g. ``UlyssesSplit``); None: all tokens."""
+        self.sequence_parallel = split
 
     # ----------------------------------------------------------------- helpers
     def cast(self, dtype: torch.dtype) -> "LiveAvatarTransformer":
@@ -368,6 +406,9 @@ class LiveAvatarTransformer(nn.Module):
         ref = self._patchify(self.patch_embedding, ref_latent) + mask[1]
         motion = self.frame_packer(motion_latents.to(self.device, self.dtype)) + mask[2]
         x = torch.cat([ref, motion], dim=1)  # [1, C, dim]
+        if self.sequence_parallel is not None:  # one modulation row: any slice is one segment
+            lo, hi = self.sequence_parallel.shard(x.shape[1])
+            x = x[:, lo:hi]
         table = device_rope_table(tuple(self.sink_grids(h, w, ref_frame)), self.cfg.head_dim, self.device)
         _, m0 = self.time_modulation(torch.zeros(1))  # sink tokens all use timestep 0
         for layer, block in enumerate(self.blocks):
@@ -390,8 +431,20 @@ class LiveAvatarTransformer(nn.Module):
         glob, tokens = self.casual_audio_encoder(audio)
         return glob[0, -frames:].to(self.dtype), tokens[0, -frames:].to(self.dtype)
 
-    def inject_audio(self, x: torch.Tensor, injector: int, audio_global: torch.Tensor, audio_kv) -> torch.Tensor:
-        """x [1, F*fsl, dim] += audio cross-attention, each frame to its own audio tokens."""
+    def inject_audio(self, x: torch.Tensor, injector: int, audio_global: torch.Tensor, audio_kv,
+                     segments: Segments | None = None) -> torch.Tensor:
+        """x [1, F*fsl, dim] += audio cross-attention, each frame to its own audio tokens.
+
+        ``segments``: x is a slice of the block's tokens; audio_global and audio_kv hold only the
+        frames it touches, segment row r (relative to the first) attending frame r's tokens.
+        """
+        if segments is not None:
+            first = segments[0][0]
+            rows = [(row - first, a, b) for row, a, b in segments]
+            h = self.audio_injector.injector_adain_layers[injector](x, audio_global[:, 0], rows)
+            k, v = audio_kv
+            kv = SegmentedKV([(a, b, (k[r : r + 1], v[r : r + 1])) for r, a, b in rows])
+            return x + self.audio_injector.injector[injector](h, kv)
         frames = audio_global.shape[0]
         xf = x.view(frames, -1, x.shape[-1])  # [F, fsl, dim]
         h = self.audio_injector.injector_adain_layers[injector](xf, audio_global[:, 0])
@@ -436,6 +489,13 @@ class LiveAvatarTransformer(nn.Module):
         cond_table = device_rope_table(tuple(self.sink_grids(h, w, ref_frame)), self.cfg.head_dim, self.device)
         start = frame_start * fsl
         active = cache.active_length(start, nf * fsl)
+        segments = None
+        if self.sequence_parallel is not None:  # this process's tokens and the frames they touch
+            lo, hi = self.sequence_parallel.shard(nf * fsl)
+            tokens = tokens[:, lo:hi]
+            segments = token_segments(lo, hi, fsl)
+            first, last = segments[0][0], segments[-1][0] + 1
+            audio_global, audio_tokens = audio_global[first:last], audio_tokens[first:last]
 
         for layer, block in enumerate(self.blocks):
 
@@ -448,13 +508,15 @@ class LiveAvatarTransformer(nn.Module):
                 values = torch.cat([cv, sv], dim=2)
                 return attention(apply_rope(q, table), keys, values)
 
-            tokens = block(tokens, m, text.kv[layer], attend)
+            tokens = block(tokens, m, text.kv[layer], attend, segments)
             injector = self.injector_of_layer.get(layer)
             if injector is not None:
                 audio_kv = self.audio_injector.injector[injector].context_kv(audio_tokens)
-                tokens = self.inject_audio(tokens, injector, audio_global, audio_kv)
+                tokens = self.inject_audio(tokens, injector, audio_global, audio_kv, segments)
 
-        out = self.head(tokens, e)  # [1, L, prod(patch) * C]
+        out = self.head(tokens, e, segments)  # [1, L, prod(patch) * C]
+        if segments is not None:
+            out = self.sequence_parallel.gather(out, nf * fsl)
         return self.unpatchify(out, nf, hp, wp)
 
     def unpatchify(self, out: torch.Tensor, nf: int, hp: int, wp: int) -> torch.Tensor:
