@@ -135,6 +135,17 @@ class UlyssesSplit:
         return torch.cat([g.view(1, m, -1) for g, m in zip(got, sizes)], dim=1)
 
 
+def sp_groups(rank: int, dit_ranks: int, sp: int):
+    """Process groups of ``sp`` consecutive DiT ranks; this rank's (None for a rank outside them, e.g.
+    the decode rank). Every rank of the world calls it: ``new_group`` is collective over the world."""
+    mine = None
+    for start in range(0, dit_ranks, sp):
+        group = dist.new_group(list(range(start, start + sp)))
+        if start <= rank < start + sp:
+            mine = group
+    return mine
+
+
 def enable_ulysses(model, rank: int, world: int, group=None) -> UlyssesGroup:
     """Install Ulysses on ``model`` (every block's self-attention + the token split); returns the group."""
     comm = UlyssesGroup(rank, world, model.cfg.num_heads, group)

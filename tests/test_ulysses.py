@@ -60,6 +60,35 @@ def test_wire_bytes_formula_scales_like_ulysses():
     assert sharded["total"] == sharded["all_to_all"] + sharded["gather"] + sharded["weights"] and sharded["weights"] > 0
 
 
+def test_tpp_x_sp_layouts_are_chosen_on_the_cli_and_the_launcher_node_with_one_line_errors(tmp_path, capsys):
+    from node_env import comfy_double
+
+    from liveavatar_pack import cli
+
+    with comfy_double(tmp_path):
+        from liveavatar_pack.nodes.distributed import DistributedLauncher, pool_options
+
+        assert "sp" in [i.id for i in DistributedLauncher.define_schema().inputs]
+        opts = pool_options("/m/dit.safetensors", "dit.safetensors", None, None, "fp8", "0-3", 0, "tpp", 0, sp=2)
+        with pytest.raises(ValueError, match="4 workers do not split into groups of 3"):
+            pool_options("/m/dit.safetensors", "dit.safetensors", None, None, "fp8", "0-3", 0, "tpp", 0, sp=3)
+    assert (opts.workers, opts.sp, opts.sp_size, opts.step_groups) == (4, 2, 2, 2)
+    assert PoolOptions(workers=8, mode="tpp", sp=2).step_groups == 4 and PoolOptions(workers=3, mode="sp").sp_size == 3
+    assert PoolOptions(workers=4, mode="tpp", sp=2, decode_rank=True).procs == 5
+    with pytest.raises(ValueError, match="mode sp runs all 4 workers as one sp group"):
+        PoolOptions(workers=4, mode="sp", sp=2)
+    out = str(tmp_path / "x.mp4")
+    for argv, message in (
+        (["--workers", "3", "--mode", "tpp", "--sp", "2"], "3 workers do not split into groups of 2"),
+        (["--workers", "10", "--mode", "tpp", "--sp", "2"], "5 step groups (10 workers / sp 2) for 4 steps"),
+        (["--sp", "2"], "--sp 2 needs --workers"),
+    ):
+        assert cli.main(["demo", "--out", out, *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert not Path(out).exists()
+
+
 # ----------------------------------------------------------------------------- gloo ranks (one DiT call measured)
 def _ranks(tmp_path, world: int, **spec) -> list[dict]:
     out = tmp_path / f"w{world}"
@@ -161,6 +190,7 @@ def _golden_run(pool, golden, check_cancel=None, clips=None):
 
 LAYOUTS = {"sp2": dict(workers=2, mode="sp"), "sp3": dict(workers=3, mode="sp"),
            "tpp2xsp2": dict(workers=4, mode="tpp", sp=2)}
+TINY_VAE = {"kind": "tiny_vae", "seed": 3}
 
 
 @pytest.mark.distributed
@@ -181,6 +211,22 @@ def test_layout_gives_the_single_process_latents_and_video_on_golden_conditionin
         assert s["all_to_alls"] > 0
         assert s["tokens_per_call"] == split_sizes(tokens, n)
         assert tuple(s["heads"]) == head_range(TINY.num_heads, rank % n, n)
+
+
+@pytest.mark.distributed
+@pytest.mark.golden
+def test_tpp_x_sp_with_a_decode_rank_streams_the_single_process_video(golden, golden_reference):
+    """2 step groups x 2-way sp + the decode rank (5 ranks): its frames are the single-process decode."""
+    opts = PoolOptions(model=golden.spec, workers=4, mode="tpp", sp=2, decode_rank=True, collective_timeout_s=60)
+    with WorkerPool(opts) as pool:
+        sampler = DistributedSampler(pool, golden.cfg, golden.text, golden.audio, golden.sink, seed=0,
+                                     rope_offsets=golden.offsets, noise=lambda c: golden.noise[c], vae=TINY_VAE)
+        chunks = list(sampler.frames(golden.clips))
+        stats = sampler.stats
+    video = torch.cat([c.frames for c in chunks])
+    ref_video = _decoded(golden.cfg, golden.sink, golden_reference)
+    assert video.shape == ref_video.shape and (video.int() - ref_video.int()).abs().max().item() <= 1
+    assert stats[4]["dit_calls"] == 0 and len(stats[4]["block_times"]) == len(golden_reference)
 
 
 @pytest.mark.distributed
