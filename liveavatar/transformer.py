@@ -508,7 +508,8 @@ class LiveAvatarTransformer(nn.Module):
                 values = torch.cat([cv, sv], dim=2)
                 return attention(apply_rope(q, table), keys, values)
 
-            tokens = block(tokens, m, text.kv[layer], attend, segments)
+            # segments only when split: a block whose forward is wrapped (bench_fullsize's compile) keeps its signature
+            tokens = block(tokens, m, text.kv[layer], attend, *(() if segments is None else (segments,)))
             injector = self.injector_of_layer.get(layer)
             if injector is not None:
                 audio_kv = self.audio_injector.injector[injector].context_kv(audio_tokens)
