@@ -31,8 +31,8 @@ q/k/v/o per layer, 4 * L * dim * (N-1) / N^2 elements per rank, independent of t
 attention keeps the sequence split, so every rank would need every other rank's slice of the
 cache and the sink passed around the ring each layer: (N-1)/N of (cache + sink + block) keys and
 values per rank per layer, 2 * dim * (N-1)/N * (window + sink + L) elements: at 704x384 (L = 3168
-block tokens, a 12-frame window of 12672, ~1.8 k sink tokens) 5.6x the Ulysses volume for N = 2
-and 11x for N = 4 (Ulysses falls as 1/N^2, ring does not), and a cache split by tokens would also make the
+block tokens, a 12-frame window of 12672, 2640 sink tokens) 5.8x the Ulysses volume for N = 2
+and 11.7x for N = 4 (Ulysses falls as 1/N^2, ring does not), and a cache split by tokens would also make the
 rolling window's writes land on one rank at a time. Ulysses' limit (N <= heads, here 40) is far
 beyond the 2-8 GPUs we target. PCIe consumer cards get the same all-to-all through NCCL.
 
