@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from ..liveavatar.attention import WeightsGuard
