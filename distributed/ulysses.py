@@ -125,6 +125,8 @@ class UlyssesSplit:
         self.comm = comm
 
     def shard(self, n: int) -> tuple[int, int]:
+        if n < self.comm.world:
+            raise ValueError(f"sp {self.comm.world} splits a sequence of {n} tokens: every rank needs at least one")
         self.comm.tokens = split_sizes(n, self.comm.world)
         return token_range(n, self.comm.rank, self.comm.world)
 

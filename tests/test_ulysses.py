@@ -25,7 +25,7 @@ from conftest import golden_subdir
 from goldens import golden_audio_features, golden_sampler_config, read_json
 from liveavatar_pack.distributed.launcher import PoolOptions, WorkerError, WorkerPool
 from liveavatar_pack.distributed.sampler import DistributedSampler
-from liveavatar_pack.distributed.ulysses import head_range, split_sizes, token_range
+from liveavatar_pack.distributed.ulysses import UlyssesGroup, UlyssesSplit, head_range, split_sizes, token_range
 from liveavatar_pack.liveavatar.config import TINY, SamplerConfig
 from liveavatar_pack.liveavatar.sampler import Cancelled, SinkInputs, StreamingSampler, TableRopeOffsets, TensorAudio
 from liveavatar_pack.liveavatar.transformer import token_segments
@@ -42,6 +42,8 @@ def test_uneven_token_and_head_splits():
     assert [head_range(4, r, 3) for r in range(3)] == [(0, 2), (2, 3), (3, 4)]
     with pytest.raises(ValueError, match="at least 5 attention heads"):
         head_range(4, 0, 5)
+    with pytest.raises(ValueError, match="sequence of 2 tokens"):
+        UlyssesSplit(UlyssesGroup(0, 3, 6)).shard(2)
     # a slice crossing frame boundaries: per-frame modulation rows, relative token ranges
     assert token_segments(15, 45, 20) == [(0, 0, 5), (1, 5, 25), (2, 25, 30)]
     assert token_segments(0, 20, 20) == [(0, 0, 20)]
