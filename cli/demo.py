@@ -23,6 +23,10 @@ def run_demo(args: argparse.Namespace) -> Path:
     out = check_output(args.out, args.overwrite)  # before anything is built
     cfg = SamplerConfig(steps=args.steps, frames_per_clip=args.frames_per_clip)
     cfg.validate()
+    if args.workers or getattr(args, "sp", 1) != 1:
+        from .workers import check_worker_layout
+
+        check_worker_layout(args, cfg)
     text_encoder = tiny_text_encoder(seed=3)
     dit_cfg = replace(TINY, text_dim=text_encoder.config.d_model)
     model = tiny_transformer(seed=args.seed, cfg=dit_cfg)

@@ -22,7 +22,7 @@ from ..model_loaders.text_encoder import load_text_encoder
 from ..model_loaders.vae import load_wan_vae
 from .preflight import Preflight, check_audio, check_model_file, check_output, resolve_device
 from .progress import write_with_progress
-from .workers import add_worker_arguments, worker_sources
+from .workers import add_worker_arguments, check_worker_layout, worker_sources
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,6 +70,7 @@ def run_generate(args: argparse.Namespace) -> Path:
     device = pre.check(resolve_device, args.device)
     cfg = SamplerConfig(steps=args.steps, frames_per_clip=args.frames_per_clip)
     pre.check(cfg.validate)
+    pre.check(check_worker_layout, args, cfg)
     if args.num_clips < 0:
         pre.problems.append(f"--num-clips must be 0 (follow the audio) or more; got {args.num_clips}")
     out = pre.check(check_output, args.out, args.overwrite)
@@ -117,7 +118,8 @@ def run_generate(args: argparse.Namespace) -> Path:
         spec = {"kind": "dit", "path": str(files.dit), "lora": str(files.lora), "precision": precision}
         vae_spec = {"kind": "wan_vae", "path": str(files.vae), "dtype": str(vae_p.dtype).removeprefix("torch.")}
         model, sources = None, worker_sources(args, spec, cfg, cond, args.seed, vae=vae_spec)
-        log(f"DiT on {args.workers} workers ({args.mode})" + (" + a decode rank" if "frame_source" in sources else ""))
+        layout = f"{args.mode}, sp {args.sp}" if args.sp > 1 else args.mode
+        log(f"DiT on {args.workers} workers ({layout})" + (" + a decode rank" if "frame_source" in sources else ""))
     else:
         model, report = load_dit(files.dit, lora=files.lora, precision=precision, device=device)
         sources = {}

@@ -1,4 +1,4 @@
-"""``--workers N --mode tpp|sp``: run the DiT on torchrun workers instead of in this process."""
+"""``--workers N --mode tpp|sp [--sp M]``: run the DiT on torchrun workers instead of in this process."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,11 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0,
                    help="run the DiT on this many torchrun worker processes (one per GPU; gloo on the CPU)")
     p.add_argument("--mode", choices=["tpp", "sp"], default="tpp",
-                   help="tpp: denoising steps pipelined over the workers; sp: attention heads split (24 GB cards)")
+                   help="tpp: denoising steps pipelined over the workers; sp: every layer's tokens split over all "
+                        "workers (Ulysses; weights sharded: 24 GB cards)")
+    p.add_argument("--sp", type=int, default=1, metavar="N",
+                   help="with --mode tpp: step groups of N sequence-parallel workers (e.g. --workers 4 --mode tpp "
+                        "--sp 2: 2 groups x 2-way sp); --workers must be a multiple of N")
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids for the workers (default: the first N)")
     p.add_argument("--nnodes", type=int, default=1,
                    help="machines in the pool; the others run `python -m liveavatar worker-agent` (README)")
@@ -28,6 +32,16 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
                    help="NCCL_P2P_DISABLE=1 on every rank (consumer cards without working peer-to-peer)")
     p.add_argument("--decode-rank", action="store_true",
                    help="tpp: one more worker (GPU) holds the VAE and streams the decoded frames (upstream's 4+1 layout)")
+
+
+def check_worker_layout(args: argparse.Namespace, cfg: SamplerConfig) -> None:
+    """One-line error for an impossible --workers/--mode/--sp/--steps combination (before any model loads)."""
+    from ..distributed.launcher import check_sp_layout
+
+    if args.workers:
+        check_sp_layout(args.mode, args.workers * getattr(args, "nnodes", 1), getattr(args, "sp", 1), cfg.steps)
+    elif getattr(args, "sp", 1) != 1:
+        raise ValueError(f"--sp {args.sp} needs --workers (a multiple of {args.sp})")
 
 
 def worker_sources(args: argparse.Namespace, model: dict, cfg: SamplerConfig, cond: Conditioning, seed: int,
@@ -53,6 +67,7 @@ def worker_block_source(args: argparse.Namespace, model: dict, cfg: SamplerConfi
                        threads=max(1, torch.get_num_threads() // max(1, args.workers)),
                        nnodes=nnodes, rdzv_endpoint=getattr(args, "rdzv_endpoint", None),
                        channel="tcp" if tcp else "unix", channel_host=channel_host,
-                       nccl_p2p_disable=getattr(args, "nccl_p2p_disable", False), decode_rank=vae is not None)
+                       nccl_p2p_disable=getattr(args, "nccl_p2p_disable", False), decode_rank=vae is not None,
+                       sp=getattr(args, "sp", 1))
     sampler = DistributedSampler(opts, cfg, cond.text, cond.audio, cond.sink, seed, vae=vae)
     return sampler.frames if vae is not None else sampler.blocks

@@ -5,7 +5,8 @@
 ``worker``     the file torchrun runs (bootstraps the pack under its fixed name)
 ``agent``      the other machines of a multi-machine pool (``python -m liveavatar worker-agent``)
 ``runtime``    what a rank does: model build, tpp and sp rank loops
-``sharding``   sp pieces: heads split across ranks (attention_backend), FSDP2 weight shards
+``ulysses``    sp: sequence split over ranks, all-to-all around attention (why not ring attention)
+``sharding``   FSDP2 weight shards of the sp layouts (next block's all-gather prefetched)
 ``protocol``   length-prefixed, pickle-free channel messages (auth frame first, bounded, never inflated)
 ``handshake``  the head authenticating new channel connections concurrently, ~1 s each
 ``torchrun``   torchrun's entry with the stores it hosts bound to one address (loopback on one machine)

@@ -126,6 +126,10 @@ class PoolOptions:
     channel_host: str = "127.0.0.1"  # where the tcp channel listens; other machines need e.g. "0.0.0.0" (see README)
     # tpp only: one more rank (the last) that holds the VAE, decodes each clean block and streams frames
     decode_rank: bool = False
+    # Ulysses sequence parallel group size (distributed/ulysses.py): mode "sp" puts all workers in one group
+    # (sp 1 or = workers); mode "tpp" with sp N runs workers / N step groups of N ranks each (tpp x sp)
+    sp: int = 1
+    shard_weights: bool = True  # sp groups hold FSDP2 shards of the weights (False: the whole model per rank)
 
     def __post_init__(self):
         if self.mode not in ("tpp", "sp"):
@@ -146,6 +150,17 @@ class PoolOptions:
             raise ValueError("channel_host applies to the tcp channel; set channel='tcp'")
         if self.decode_rank and (self.mode != "tpp" or self.nnodes != 1):
             raise ValueError("decode_rank needs mode='tpp' on one machine")
+        check_sp_layout(self.mode, self.workers, self.sp)
+
+    @property
+    def sp_size(self) -> int:
+        """Ranks per sequence-parallel group (1: none)."""
+        return self.workers * self.nnodes if self.mode == "sp" else self.sp
+
+    @property
+    def step_groups(self) -> int:
+        """Groups the tpp steps are spread over (1 in mode sp)."""
+        return self.workers * self.nnodes // self.sp_size
 
     @property
     def procs(self) -> int:
@@ -157,6 +172,21 @@ class PoolOptions:
         raw["model"] = model_spec(self.model)
         raw.pop("idle_timeout_s")
         return json.dumps(raw, sort_keys=True, default=str)
+
+
+def check_sp_layout(mode: str, workers: int, sp: int, steps: int | None = None) -> None:
+    """One-line errors for impossible (mode, workers, sp[, steps]) combinations."""
+    if sp < 1:
+        raise ValueError(f"sp must be >= 1, got {sp}")
+    if mode == "sp" and sp not in (1, workers):
+        raise ValueError(f"mode sp runs all {workers} workers as one sp group (sp {workers}), got sp {sp}; "
+                         f"for step groups of {sp} ranks use mode tpp with sp {sp}")
+    if mode == "tpp" and workers % sp:
+        raise ValueError(f"tpp x sp needs workers divisible by sp: {workers} workers do not split into groups of {sp}")
+    groups = workers // sp if mode == "tpp" else 1
+    if steps is not None and groups > steps:
+        raise ValueError(f"{groups} step groups ({workers} workers / sp {sp}) for {steps} steps: "
+                         f"use at most {steps * sp} workers or a larger sp")
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
@@ -434,7 +464,8 @@ class WorkerPool:
         init = {
             "type": "init", "model": model_spec(opts.model), "mode": opts.mode, "backend": backend,
             "threads": opts.threads, "collective_timeout_s": opts.collective_timeout_s, "env": nccl_env(opts),
-            "decode_rank": opts.decode_rank,
+            "decode_rank": opts.decode_rank, "sp": opts.sp_size if opts.mode == "tpp" else 1,
+            "shard_weights": opts.shard_weights,
         }
         self._send_all(init)
         ready: dict[int, dict] = {}

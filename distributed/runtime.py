@@ -14,10 +14,19 @@ decode rank (``PoolOptions(decode_rank=True)``) the world has one more rank, las
 holds only the VAE: the last DiT rank hands it the stop decisions and clean blocks the same
 way, and it streams decoded uint8 frames to the parent (``DecodeRank``).
 
-``sp`` (sequence/head parallel): every rank runs the whole sampler on the same inputs, but
-attends and caches only its share of the heads (``HeadSplit``) and holds only a shard
-of the weights (FSDP2, resharded after each unit's forward). Rank 0 streams the blocks;
-a one-element broadcast from rank 0 before every step (DiT call) agrees on a cancel.
+``tpp`` x ``sp`` (``init["sp"] = N > 1``): the DiT ranks form step groups of N consecutive ranks;
+each group is one pipeline stage whose ranks run its steps with Ulysses (``ulysses.py``) over
+their own process group. Member i of group g receives from member i of group g-1 and sends to
+member i of group g+1 (every member holds the whole block after the head's all-gather); group 0
+agrees on a cancel by a broadcast inside the group; member 0 of the last group streams the
+blocks (or feeds the decode rank) and is the source of the clip-1 sink broadcast.
+
+``sp`` (Ulysses sequence parallel, ``ulysses.py``): every rank runs the whole sampler on the same
+inputs, but every layer only on its 1/N of the tokens, with two all-to-alls around each
+self-attention; it caches only its share of the heads and (``shard_weights``) holds only a
+shard of the weights (FSDP2, resharded after each unit's forward, next block prefetched).
+Rank 0 streams the blocks; a one-element broadcast from rank 0 before every step (DiT call)
+agrees on a cancel.
 
 The math is the engine's (``StepWorker``/``StreamingSampler``); nothing here changes it.
 
@@ -57,7 +66,8 @@ from ..liveavatar.sampler import (
 )
 from ..liveavatar.schedule import SinkAction, assign_steps, schedule  # noqa: F401 - assign_steps: re-exported
 from . import protocol
-from .sharding import HeadSplit, parameter_bytes, shard_model
+from .sharding import parameter_bytes, shard_model
+from .ulysses import enable_ulysses, sp_groups
 
 EXIT_PARENT_GONE = 3
 TRACEBACK_TAIL = 4000
@@ -292,23 +302,39 @@ class TPPRank:
     """One DiT rank of the pipeline. ``decode_rank``: the world's last rank decodes (``DecodeRank``), so the
     last DiT rank hands its clean blocks (and the stop decisions) on to it instead of the parent."""
 
-    def __init__(self, model, rank: int, world: int, comm_device: torch.device, decode_rank: bool = False):
+    def __init__(self, model, rank: int, world: int, comm_device: torch.device, decode_rank: bool = False,
+                 sp: int = 1, sp_group=None, shard_weights: bool = True):
         self.model, self.rank, self.world, self.comm = model, rank, world, comm_device
         self.decode_rank = decode_rank
+        self.sp, self.group = sp, sp_group
+        self.stage, self.member = divmod(rank, sp)  # step group, rank inside it
+        self.ulysses, self.units, self.heads = None, [], None
+        if sp > 1:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            self.ulysses = enable_ulysses(model, self.member, sp, sp_group)
+            self.heads = (self.ulysses.head_start, self.ulysses.head_stop)
+            if shard_weights:
+                self.units = shard_model(model, DeviceMesh.from_group(sp_group, comm_device.type))
 
     def ready_info(self) -> dict:
-        return {"param_bytes": parameter_bytes(self.model)}
+        return {"param_bytes": parameter_bytes(self.model, self.units), "heads": self.heads}
 
     def run(self, job: Job, inbox: Inbox, conn: protocol.Connection) -> dict:
-        model, rank, cfg = self.model, self.rank, job.cfg
-        world = self.world - int(self.decode_rank)  # the DiT ranks
-        last, prev, nxt = world - 1, self.rank - 1, self.rank + 1
-        chained = rank != self.world - 1  # a rank after this one (the next DiT rank or the decode rank)
-        steps = assign_steps(cfg.steps, world)[rank]
+        model, rank, cfg, sp = self.model, self.rank, job.cfg, self.sp
+        stages = (self.world - int(self.decode_rank)) // sp  # step groups of DiT ranks
+        stage, last = self.stage, stages - 1
+        prev, nxt = rank - sp, rank + sp
+        source = last * sp  # member 0 of the last group: streams, feeds the decode rank, broadcasts the sink
+        if self.decode_rank and rank == source:
+            nxt = self.world - 1
+        chained = stage < last or nxt == self.world - 1 and self.decode_rank  # a rank after this one
+        streams = rank == source and not self.decode_rank
+        steps = assign_steps(cfg.steps, stages)[stage]
         text = model.embed_text(job.text)
         c, _, h, w = job.sink.ref_latent.shape
         nf = cfg.latent_frames_per_block
-        storage = CacheStorage(device=model.device, dtype=model.dtype)
+        storage = CacheStorage(device=model.device, dtype=model.dtype, heads=self.heads)
         levels = flow_schedule(cfg)
         cond = model.new_cond_cache(h, w, storage)
         workers = [
@@ -324,7 +350,11 @@ class TPPRank:
         for plan in job.schedule:
             g, clip, block = plan.index, plan.clip, plan.block
             # 1. the stop decision runs down the chain before anything else of block g
-            if rank == 0:
+            if stage == 0 and sp > 1:  # group 0 agrees on its first member's reading
+                flag = torch.tensor([int(rank == 0 and job.id in inbox.cancelled)], device=self.comm)
+                dist.broadcast(flag, src=0, group=self.group)
+                stop = bool(flag.item())
+            elif rank == 0:
                 stop = job.id in inbox.cancelled
             else:
                 ctrl = torch.empty(2, dtype=torch.int64, device=self.comm)
@@ -340,12 +370,12 @@ class TPPRank:
             if plan.sink is SinkAction.PREFILL:
                 workers[0].prefill(job.sink)
             elif plan.sink is SinkAction.REFRESH:
-                ref = first_block[:, :1].contiguous() if rank == last else torch.empty(c, 1, h, w)
+                ref = first_block[:, :1].contiguous() if stage == last else torch.empty(c, 1, h, w)
                 ref = ref.to(self.comm)
-                dist.broadcast(ref, src=last)
+                dist.broadcast(ref, src=source)
                 workers[0].prefill(SinkInputs(ref, job.sink.motion_latents))
-            # 3. the block: noise on rank 0, the previous rank's output elsewhere
-            if rank == 0:
+            # 3. the block: noise in group 0, the previous group's output elsewhere
+            if stage == 0:
                 if block == 0:
                     noise = job.noise(clip)
                 x = noise[:, plan.noise_slice].to(model.device, torch.float32)
@@ -358,11 +388,11 @@ class TPPRank:
             for worker in workers:
                 x = worker(x, plan.frame_start, audio, plan.rd(worker.step))
             times.append((clip, block, t0, time.time()))
-            if rank == last and plan.refresh_source:
+            if stage == last and plan.refresh_source:
                 first_block = x
-            if not chained:
+            if streams:
                 conn.send({"type": "block", "job": job.id, "clip": clip, "block": block, "latents": x.cpu()})
-            else:
+            elif chained:
                 if data_work is not None:
                     data_work[0].wait()  # back-pressure: the next rank has taken block g-1
                 out = x.to(self.comm).contiguous()
@@ -378,7 +408,10 @@ class TPPRank:
             "stopped_at": stopped_at,
             "kv_cache_bytes": sum(w.cache.nbytes() for w in workers),
             "cond_cache_bytes": cond.nbytes(),
-            "param_bytes": parameter_bytes(model),
+            "param_bytes": parameter_bytes(model, self.units),
+            "heads": self.heads,
+            "tokens_per_call": self.ulysses.tokens if self.ulysses else None,
+            "all_to_alls": self.ulysses.all_to_alls if self.ulysses else 0,
         }
 
 
@@ -391,8 +424,9 @@ class DecodeRank:
     rank and streams its uint8 frames ``[n, H, W, 3]`` to the parent (``BlockDecoder``, warmed on the sink's
     motion latents). It follows the same stop decisions and joins the clip-1 sink broadcast."""
 
-    def __init__(self, rank: int, world: int, comm_device: torch.device, device: torch.device):
+    def __init__(self, rank: int, world: int, comm_device: torch.device, device: torch.device, source: int | None = None):
         self.rank, self.world, self.comm, self.device = rank, world, comm_device, device
+        self.source = rank - 1 if source is None else source  # the DiT rank that feeds it
         self._vae_key, self._vae = None, None
 
     def ready_info(self) -> dict:
@@ -410,7 +444,7 @@ class DecodeRank:
 
         if not job.vae:
             raise ValueError("this pool has a decode rank: the job must carry a VAE spec ('vae')")
-        cfg, prev = job.cfg, self.rank - 1
+        cfg, prev = job.cfg, self.source
         decoder = BlockDecoder.from_config(self.vae(job.vae), cfg)
         decoder.warm_up(job.sink.motion_latents)
         c, _, h, w = job.sink.ref_latent.shape
@@ -455,22 +489,24 @@ def build_vae(spec: dict, device: torch.device):
 
 
 class SPRank:
-    def __init__(self, model, rank: int, world: int, comm_device: torch.device):
+    """Ulysses over all ranks: each runs every DiT call on its 1/N of the tokens (``ulysses.py``)."""
+
+    def __init__(self, model, rank: int, world: int, comm_device: torch.device, shard_weights: bool = True):
         from torch.distributed.device_mesh import init_device_mesh
 
         self.model, self.rank, self.world, self.comm = model, rank, world, comm_device
-        self.backend = HeadSplit(model.cfg.num_heads, rank, world)
-        model.attention_backend = self.backend
+        self.ulysses = enable_ulysses(model, rank, world)
         mesh = init_device_mesh(comm_device.type, (world,))
-        self.units = shard_model(model, mesh)
+        self.units = shard_model(model, mesh) if shard_weights else []
+        self.heads = (self.ulysses.head_start, self.ulysses.head_stop)
 
     def ready_info(self) -> dict:
-        return {"param_bytes": parameter_bytes(self.model, self.units), "heads": (self.backend.start, self.backend.stop)}
+        return {"param_bytes": parameter_bytes(self.model, self.units), "heads": self.heads}
 
     def run(self, job: Job, inbox: Inbox, conn: protocol.Connection) -> dict:
         model, cfg, rank = self.model, job.cfg, self.rank
         text = model.embed_text(job.text)
-        storage = CacheStorage(device=model.device, dtype=model.dtype, heads=(self.backend.start, self.backend.stop))
+        storage = CacheStorage(device=model.device, dtype=model.dtype, heads=self.heads)
         counter = {"n": 0, "g": 0}
 
         def check_cancel():  # called before every step: the ranks agree on each, so all stop within one DiT call
@@ -499,7 +535,9 @@ class SPRank:
             stopped_at = job.schedule.block_at(counter["g"]).where
         return {
             "steps": list(range(cfg.steps)),
-            "heads": (self.backend.start, self.backend.stop),
+            "heads": self.heads,
+            "tokens_per_call": self.ulysses.tokens,
+            "all_to_all_bytes": self.ulysses.sent_bytes,
             "dit_calls": sum(w.calls for w in sampler.workers),
             "calls_per_step": {w.step: w.calls for w in sampler.workers},
             "block_times": times,
@@ -508,7 +546,7 @@ class SPRank:
             "cond_cache_bytes": sampler.cond.nbytes(),
             "param_bytes": parameter_bytes(model, self.units),
             "param_bytes_between_blocks": between,
-            "attention_gathers": self.backend.gathers,
+            "all_to_alls": self.ulysses.all_to_alls,
         }
 
 
@@ -567,13 +605,19 @@ def serve() -> None:
             device = torch.device("cpu")
         dist.init_process_group(backend, timeout=timedelta(seconds=float(init["collective_timeout_s"])))
         decode = bool(init.get("decode_rank")) and init["mode"] == "tpp"
+        sp = int(init.get("sp") or 1)
+        shard = bool(init.get("shard_weights", True))
+        group = sp_groups(rank, world - int(decode), sp) if init["mode"] == "tpp" and sp > 1 else None
         if decode and rank == world - 1:  # the decode rank: the VAE comes with each job, never the DiT
-            rank_impl = DecodeRank(rank, world, device, device)
+            rank_impl = DecodeRank(rank, world, device, device, source=((world - 1) // sp - 1) * sp)
         else:
             model = build_model(init["model"], device,
                                 allow_callable=head or os.environ.get(protocol.ENV_ALLOW_CALLABLE) == "1")
-            rank_impl = (TPPRank(model, rank, world, device, decode_rank=True) if decode
-                         else MODES[init["mode"]](model, rank, world, device))
+            if init["mode"] == "tpp":
+                rank_impl = TPPRank(model, rank, world, device, decode_rank=decode, sp=sp, sp_group=group,
+                                    shard_weights=shard)
+            else:
+                rank_impl = SPRank(model, rank, world, device, shard_weights=shard)
         conn.send({"type": "ready", "rank": rank, **rank_impl.ready_info()})
         while True:
             msg = inbox.get()

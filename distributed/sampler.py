@@ -31,7 +31,7 @@ from ..liveavatar.sampler import (
     schedule,
 )
 from ..liveavatar.pipeline import FrameChunk
-from .launcher import PoolOptions, WorkerPool, shared_pool
+from .launcher import PoolOptions, WorkerPool, check_sp_layout, shared_pool
 
 
 class DistributedSampler:
@@ -57,6 +57,8 @@ class DistributedSampler:
         if sink_refresh is not None:
             raise ValueError("distributed runs always use the TPP clip-1 sink rule (clip 0's first latent)")
         self.pool = pool if isinstance(pool, WorkerPool) else shared_pool(pool)
+        opts = self.pool.options
+        check_sp_layout(opts.mode, opts.workers * opts.nnodes, opts.sp_size, cfg.steps)
         self.cfg, self.text, self.audio, self.sink, self.seed = cfg, text, audio, sink, seed
         self.rope_offsets = rope_offsets or default_rope_offsets(cfg, seed)
         self.noise = noise

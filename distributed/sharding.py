@@ -1,82 +1,54 @@
-"""Sequence/head parallelism pieces: heads split across ranks, weights sharded per module.
+"""Weights sharded per module with FSDP2, for the sequence-parallel layouts (``ulysses``).
 
-* ``HeadSplit`` is the DiT's ``attention_backend``: each rank attends (and caches) only its
-  contiguous range of heads; the attention output of all heads is re-assembled with one
-  all-gather per layer. Everything outside self-attention is computed identically on
-  every rank, so the ranks need no other exchange.
 * ``shard_model`` shards the weights with FSDP2 ``fully_shard`` (reshard_after_forward):
   every DiT block, the audio injectors and the other large modules become one FSDP unit
   each; a unit's parameters are all-gathered just before its forward and freed right
-  after. Two engine methods read weights outside a forward (``CrossAttention.context_kv``
-  for the text and audio keys/values); they are wrapped so their unit is gathered first.
+  after. With ``prefetch`` each block's forward first issues the all-gather of the next
+  block (FSDP2 explicit forward prefetch), so that transfer overlaps the block's compute.
+  ``CrossAttention.context_kv`` (the text and audio keys/values) reads weights outside a
+  forward; those layers get a ``WeightsGuard`` processor that gathers their unit first.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-
-def head_range(num_heads: int, rank: int, world: int) -> tuple[int, int]:
-    if num_heads % world:
-        raise ValueError(f"sp splits attention heads evenly: {num_heads} heads do not split over {world} ranks")
-    per = num_heads // world
-    return rank * per, (rank + 1) * per
-
-
-class HeadSplit:
-    """``attention_backend``: this rank's heads [start, stop) of q/k/v; all-gather of the outputs."""
-
-    def __init__(self, num_heads: int, rank: int, world: int, group=None):
-        self.start, self.stop = head_range(num_heads, rank, world)
-        self.world, self.group = world, group
-        self.gathers = 0
-
-    def scatter(self, t: torch.Tensor) -> torch.Tensor:
-        return t[:, self.start : self.stop].contiguous()
-
-    def gather(self, y: torch.Tensor) -> torch.Tensor:
-        y = y.contiguous()
-        parts = [torch.empty_like(y) for _ in range(self.world)]
-        dist.all_gather(parts, y, group=self.group)
-        self.gathers += 1
-        return torch.cat(parts, dim=1)
+from ..liveavatar.attention import WeightsGuard
 
 
 # Modules sharded as FSDP units (besides every DiT block and every audio injector).
 SHARDED_CHILDREN = ("text_embedding", "time_embedding", "time_projection", "head", "casual_audio_encoder", "frame_packer")
 
 
-def _gathered(unit, method, reshard: bool):
-    """``method`` run with ``unit``'s parameters gathered (it reads them outside a forward)."""
-
-    def call(*args, **kwargs):
-        unit.unshard()
-        try:
-            return method(*args, **kwargs)
-        finally:
-            if reshard:
-                unit.reshard()
-
-    return call
+def _guard(layer, unit, reshard: bool) -> None:
+    """``layer.context_kv`` runs with ``unit``'s parameters gathered (it reads them outside a forward)."""
+    layer.set_processor(WeightsGuard(layer.processor, unit.unshard, unit.reshard if reshard else lambda: None))
 
 
-def shard_model(model: nn.Module, mesh) -> list[nn.Module]:
+def _prefetch(unit) -> None:
+    """Start ``unit``'s all-gather without waiting; its own pre-forward waits for it (FSDP2 keeps the
+    pending result). Explicit ``set_modules_to_forward_prefetch`` needs one FSDP root over the whole
+    model, which our per-unit roots (the engine calls methods, not ``forward``) do not have."""
+    unit.unshard(async_op=True)
+
+
+def shard_model(model: nn.Module, mesh, prefetch: bool = True) -> list[nn.Module]:
     """Shard ``model``'s weights over ``mesh`` with FSDP2; returns the FSDP units."""
     from torch.distributed.fsdp import fully_shard
 
     units: list[nn.Module] = []
     for block in model.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
-        # embed_text reads the cross-attention k/v weights outside the block's forward
-        block.cross_attn.context_kv = _gathered(block, block.cross_attn.context_kv, reshard=True)
+        _guard(block.cross_attn, block, reshard=True)  # embed_text reads the text k/v weights outside a forward
         units.append(block)
     for injector, adain in zip(model.audio_injector.injector, model.audio_injector.injector_adain_layers):
         fully_shard(injector, mesh=mesh, reshard_after_forward=True)
-        # context_kv runs right before the injector's forward, which reshards afterwards
-        injector.context_kv = _gathered(injector, injector.context_kv, reshard=False)
+        _guard(injector, injector, reshard=False)  # right before the injector's forward, which reshards
         fully_shard(adain, mesh=mesh, reshard_after_forward=True)
         units += [injector, adain]
+    if prefetch:  # block k's forward first issues block k+1's all-gather: it arrives while k computes
+        for block, nxt in zip(model.blocks[:-1], model.blocks[1:]):
+            block.register_forward_pre_hook(lambda _m, _a, nxt=nxt: _prefetch(nxt))
     for name in SHARDED_CHILDREN:
         child = getattr(model, name)
         fully_shard(child, mesh=mesh, reshard_after_forward=True)

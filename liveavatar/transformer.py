@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import DEFAULT_PROCESSOR, AttnProcessor, SegmentedKV, attention
 from .config import DiTConfig
 from .kv_cache import CondCache, KVCache
 from .rope import TokenGrid, apply_rope, device_rope_table, sampled_positions
@@ -42,9 +43,24 @@ def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Unmasked softmax attention on [B, H, L, D] tensors."""
-    return F.scaled_dot_product_attention(q, k, v)
+Segments = list  # [(row, a, b)]: tokens [a, b) of a local slice use modulation row ``row``
+
+
+def token_segments(start: int, stop: int, group: int) -> Segments:
+    """Rows of the tokens [start, stop) of a sequence whose rows each cover ``group`` tokens, as
+    (row, a, b) with a, b relative to ``start`` (a sequence-parallel rank holds such a slice)."""
+    out, t = [], start
+    while t < stop:
+        row = t // group
+        end = min(stop, (row + 1) * group)
+        out.append((row, t - start, end - start))
+        t = end
+    return out
+
+
+def per_row(h: torch.Tensor, segments: Segments, fn) -> torch.Tensor:
+    """``fn(h[:, a:b], row)`` for every segment, concatenated along tokens."""
+    return torch.cat([fn(h[:, a:b], row) for row, a, b in segments], dim=1)
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -56,9 +72,12 @@ def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
+    """q/k/v/o projections; how the attention runs is the layer's ``processor`` (liveavatar/attention.py)."""
+
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
+        self.processor: AttnProcessor = DEFAULT_PROCESSOR
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -78,16 +97,24 @@ class SelfAttention(nn.Module):
         """[B, H, L, D] -> o([B, L, dim])."""
         return self.o(y.transpose(1, 2).flatten(2))
 
+    def set_processor(self, processor: AttnProcessor) -> AttnProcessor:
+        """Install ``processor``; returns the previous one (to restore it later)."""
+        previous, self.processor = self.processor, processor
+        return previous
+
+    def forward(self, x: torch.Tensor, attend) -> torch.Tensor:
+        """x [B, L, dim]; ``attend(q, k, v) -> y`` runs the attention against the right cache."""
+        return self.processor.self_attention(self, x, attend)
+
 
 class CrossAttention(SelfAttention):
     """Attention to a fixed context (text or audio tokens); its keys/values can be precomputed."""
 
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.heads(self.norm_k(self.k(context))), self.heads(self.v(context))
+        return self.processor.context_kv(self, context)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        q = self.heads(self.norm_q(self.q(x)))
-        return self.out(attention(q, *kv))
+        return self.processor.cross_attention(self, x, kv)
 
 
 class DiTBlock(nn.Module):
@@ -103,24 +130,28 @@ class DiTBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
 
-    def forward(self, x, mod, text_kv, attend):
+    def forward(self, x, mod, text_kv, attend, segments: Segments | None = None):
         """x [1, L, dim]; mod [G, 6, dim] float32, one row per group of L/G tokens.
 
         ``attend(q, k, v) -> y`` runs the self-attention against the right cache.
+        ``segments``: x is a slice of the sequence (sequence parallel); its rows (``token_segments``).
         """
         dtype = x.dtype
         groups = mod.shape[0]
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + mod).unsqueeze(2).unbind(1)
 
         def modulated(h, shift, scale):  # h [1, L, dim] float32 -> per-group modulation
+            if segments is not None:
+                return per_row(h, segments, lambda p, g: p * (1 + scale[g]) + shift[g])
             return (h.view(groups, -1, h.shape[-1]) * (1 + scale) + shift).view_as(h)
 
         def gated(y, gate):
+            if segments is not None:
+                return per_row(y.float(), segments, lambda p, g: p * gate[g])
             return (y.float().view(groups, -1, y.shape[-1]) * gate).view(y.shape)
 
         n = modulated(layer_norm(x, self.eps), shift1, scale1).to(dtype)
-        q, k, v = self.self_attn.qkv(n)
-        x = x.float() + gated(self.self_attn.out(attend(q, k, v)), gate1)
+        x = x.float() + gated(self.self_attn(n, attend), gate1)
         x = x + self.cross_attn(self.norm3(x.to(dtype)), text_kv).float()
         n = modulated(layer_norm(x, self.eps), shift2, scale2).to(dtype)
         x = x + gated(self.ffn(n), gate2)
@@ -134,11 +165,14 @@ class Head(nn.Module):
         self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x [1, F*fsl, dim], e [F, dim] float32 time embedding per frame."""
+    def forward(self, x: torch.Tensor, e: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:
+        """x [1, F*fsl, dim] (or the slice ``segments`` describes), e [F, dim] float32 time embedding per frame."""
         shift, scale = (self.modulation.float() + e[:, None]).unsqueeze(2).unbind(1)  # [F, 1, dim]
         n = layer_norm(x, self.eps)
-        n = (n.view(e.shape[0], -1, n.shape[-1]) * (1 + scale) + shift).view_as(n)
+        if segments is not None:
+            n = per_row(n, segments, lambda p, g: p * (1 + scale[g]) + shift[g])
+        else:
+            n = (n.view(e.shape[0], -1, n.shape[-1]) * (1 + scale) + shift).view_as(n)
         return self.head(n.to(x.dtype))
 
 
@@ -210,9 +244,12 @@ class AdaLayerNorm(nn.Module):
         super().__init__()
         self.linear = nn.Linear(dim, 2 * dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x [N, T, dim], cond [N, dim]."""
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, segments: Segments | None = None) -> torch.Tensor:
+        """x [N, T, dim], cond [N, dim]; with ``segments``: x [1, T, dim], cond row ``row`` per segment."""
         shift, scale = self.linear(F.silu(cond)).chunk(2, dim=-1)
+        if segments is not None:
+            n = layer_norm(x, 1e-5)
+            return per_row(n, segments, lambda p, g: p * (1 + scale[g].float()) + shift[g].float()).to(x.dtype)
         return (layer_norm(x, 1e-5) * (1 + scale[:, None].float()) + shift[:, None].float()).to(x.dtype)
 
 
@@ -277,10 +314,6 @@ class LiveAvatarTransformer(nn.Module):
 
     # Small modules upstream runs under float32 autocast; they stay float32 in any precision.
     keep_in_fp32 = ("time_embedding", "time_projection", "casual_audio_encoder", "modulation")
-    # Optional self-attention router (e.g. heads split across ranks): ``scatter(t)`` maps q, k, v
-    # [B, H, L, D] to the heads this process attends (and caches), ``gather(y)`` maps the
-    # attention output of those heads back to all H heads. None: attend all heads here.
-    attention_backend = None
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -299,6 +332,13 @@ class LiveAvatarTransformer(nn.Module):
         self.trainable_cond_mask = nn.Embedding(3, dim)  # 0 noisy, 1 reference, 2 motion
         self.frame_packer = FramePacker(cfg)
         self.injector_of_layer = {layer: j for j, layer in enumerate(cfg.audio_inject_layers)}
+        # Sequence parallel (distributed/ulysses.py): ``shard(n) -> (start, stop)`` is this process's
+        # slice of an n-token sequence, ``gather(local, n)`` the whole [1, n, C] back. None: all here.
+        self.sequence_parallel = None
+
+    def set_sequence_parallel(self, split) -> None:
+        """Run every block on a slice of the tokens (``split``, e.g. ``UlyssesSplit``); None: all tokens."""
+        self.sequence_parallel = split
 
     # ----------------------------------------------------------------- helpers
     def cast(self, dtype: torch.dtype) -> "LiveAvatarTransformer":
@@ -316,12 +356,9 @@ class LiveAvatarTransformer(nn.Module):
     def device(self) -> torch.device:
         return self.patch_embedding.weight.device
 
-    def routed(self, attend):
-        """``attend`` through ``attention_backend`` when one is set."""
-        backend = self.attention_backend
-        if backend is None:
-            return attend
-        return lambda q, k, v: backend.gather(attend(backend.scatter(q), backend.scatter(k), backend.scatter(v)))
+    def attention_layers(self) -> list[SelfAttention]:
+        """Every attention layer (self, text cross, audio injector), for ``set_processor``."""
+        return [m for m in self.modules() if isinstance(m, SelfAttention)]
 
     def sink_tokens(self, h: int, w: int) -> int:
         """Number of sink tokens (reference + packed motion) at latent size h x w."""
@@ -369,6 +406,9 @@ class LiveAvatarTransformer(nn.Module):
         ref = self._patchify(self.patch_embedding, ref_latent) + mask[1]
         motion = self.frame_packer(motion_latents.to(self.device, self.dtype)) + mask[2]
         x = torch.cat([ref, motion], dim=1)  # [1, C, dim]
+        if self.sequence_parallel is not None:  # one modulation row: any slice is one segment
+            lo, hi = self.sequence_parallel.shard(x.shape[1])
+            x = x[:, lo:hi]
         table = device_rope_table(tuple(self.sink_grids(h, w, ref_frame)), self.cfg.head_dim, self.device)
         _, m0 = self.time_modulation(torch.zeros(1))  # sink tokens all use timestep 0
         for layer, block in enumerate(self.blocks):
@@ -377,7 +417,7 @@ class LiveAvatarTransformer(nn.Module):
                 cond.write(layer, k, v)
                 return attention(apply_rope(q, table), apply_rope(k, table), v)
 
-            x = block(x, m0, text.kv[layer], self.routed(attend))
+            x = block(x, m0, text.kv[layer], attend)
 
     # ----------------------------------------------------------------- block
     def encode_audio(self, audio: torch.Tensor, prefix_frames: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -391,8 +431,20 @@ class LiveAvatarTransformer(nn.Module):
         glob, tokens = self.casual_audio_encoder(audio)
         return glob[0, -frames:].to(self.dtype), tokens[0, -frames:].to(self.dtype)
 
-    def inject_audio(self, x: torch.Tensor, injector: int, audio_global: torch.Tensor, audio_kv) -> torch.Tensor:
-        """x [1, F*fsl, dim] += audio cross-attention, each frame to its own audio tokens."""
+    def inject_audio(self, x: torch.Tensor, injector: int, audio_global: torch.Tensor, audio_kv,
+                     segments: Segments | None = None) -> torch.Tensor:
+        """x [1, F*fsl, dim] += audio cross-attention, each frame to its own audio tokens.
+
+        ``segments``: x is a slice of the block's tokens; audio_global and audio_kv hold only the
+        frames it touches, segment row r (relative to the first) attending frame r's tokens.
+        """
+        if segments is not None:
+            first = segments[0][0]
+            rows = [(row - first, a, b) for row, a, b in segments]
+            h = self.audio_injector.injector_adain_layers[injector](x, audio_global[:, 0], rows)
+            k, v = audio_kv
+            kv = SegmentedKV([(a, b, (k[r : r + 1], v[r : r + 1])) for r, a, b in rows])
+            return x + self.audio_injector.injector[injector](h, kv)
         frames = audio_global.shape[0]
         xf = x.view(frames, -1, x.shape[-1])  # [F, fsl, dim]
         h = self.audio_injector.injector_adain_layers[injector](xf, audio_global[:, 0])
@@ -437,6 +489,13 @@ class LiveAvatarTransformer(nn.Module):
         cond_table = device_rope_table(tuple(self.sink_grids(h, w, ref_frame)), self.cfg.head_dim, self.device)
         start = frame_start * fsl
         active = cache.active_length(start, nf * fsl)
+        segments = None
+        if self.sequence_parallel is not None:  # this process's tokens and the frames they touch
+            lo, hi = self.sequence_parallel.shard(nf * fsl)
+            tokens = tokens[:, lo:hi]
+            segments = token_segments(lo, hi, fsl)
+            first, last = segments[0][0], segments[-1][0] + 1
+            audio_global, audio_tokens = audio_global[first:last], audio_tokens[first:last]
 
         for layer, block in enumerate(self.blocks):
 
@@ -449,13 +508,16 @@ class LiveAvatarTransformer(nn.Module):
                 values = torch.cat([cv, sv], dim=2)
                 return attention(apply_rope(q, table), keys, values)
 
-            tokens = block(tokens, m, text.kv[layer], self.routed(attend))
+            # segments only when split: a block whose forward is wrapped (bench_fullsize's compile) keeps its signature
+            tokens = block(tokens, m, text.kv[layer], attend, *(() if segments is None else (segments,)))
             injector = self.injector_of_layer.get(layer)
             if injector is not None:
                 audio_kv = self.audio_injector.injector[injector].context_kv(audio_tokens)
-                tokens = self.inject_audio(tokens, injector, audio_global, audio_kv)
+                tokens = self.inject_audio(tokens, injector, audio_global, audio_kv, segments)
 
-        out = self.head(tokens, e)  # [1, L, prod(patch) * C]
+        out = self.head(tokens, e, segments)  # [1, L, prod(patch) * C]
+        if segments is not None:
+            out = self.sequence_parallel.gather(out, nf * fsl)
         return self.unpatchify(out, nf, hp, wp)
 
     def unpatchify(self, out: torch.Tensor, nf: int, hp: int, wp: int) -> torch.Tensor:

@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from ..liveavatar.attention import WeightsGuard
 from ..liveavatar.kv_cache import CacheStorage
 
 _DTYPES = {
@@ -223,20 +224,12 @@ class BlockSwapper:
         for k, block in enumerate(blocks):
             self.handles.append(block.register_forward_pre_hook(lambda m, a, k=k: self._pre(k)))
             self.handles.append(block.register_forward_hook(lambda m, a, o, k=k: self.release(k)))
-            if k in self.slots and hasattr(block, "cross_attn"):
-                # embed_text reads each block's text k/v projections outside its forward
-                original = block.cross_attn.context_kv
-                block.cross_attn.context_kv = self._wrap(k, original)
-
-    def _wrap(self, k, fn):
-        def context_kv(*args, **kwargs):
-            self.acquire(k)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.release(k)
-
-        return context_kv
+        self.guarded: dict[int, object] = {}  # swapped block -> its cross-attention's previous processor
+        for k in self.slots:
+            layer = getattr(blocks[k], "cross_attn", None)
+            if layer is not None:  # embed_text reads each block's text k/v projections outside its forward
+                guard = WeightsGuard(layer.processor, lambda k=k: self.acquire(k), lambda k=k: self.release(k))
+                self.guarded[k] = layer.set_processor(guard)
 
     def _record(self, what: str, k: int) -> None:
         if self.log is not None:
@@ -317,10 +310,10 @@ class BlockSwapper:
         """Remove the hooks and put every block back, holding its host copy."""
         for h in self.handles:
             h.remove()
+        for k, previous in self.guarded.items():
+            self.blocks[k].cross_attn.set_processor(previous)
+        self.guarded.clear()
         for k in self.swapped:
-            block = self.blocks[k]
-            if "context_kv" in getattr(block.cross_attn, "__dict__", {}):
-                del block.cross_attn.context_kv
             self.slots[k].set(self.host[k])
         self.inflight.clear()
         self.refs.clear()

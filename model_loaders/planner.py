@@ -599,30 +599,34 @@ def layout_wire_bytes(cfg: DiTConfig, scfg: SamplerConfig, width: int, height: i
                       sp: int = 1, sharded: bool = False, handoff: bool = False) -> WireBytes:
     """The planner's traffic model: bytes on the wire per rank (sent; a rank receives as much).
 
-    With N = ``sp`` ranks in a Ulysses group, L block tokens, d = dim, b = compute dtype bytes
-    (4 for fp32, else 2), layers = num_layers, W = the DiT's weight bytes in ``precision``:
+    The sp terms are ``wire_bytes.predicted_wire_bytes`` (the formula ``tests/test_ulysses.py``
+    checks byte for byte against the collectives a rank dispatches), for rank 0, the largest share:
 
-    * all-to-all: per layer, q, k and v go sequence-sharded -> head-sharded and the attention
-      output comes back: 4 all-to-alls of a rank's local ceil(L/N) x d tensor, of which (N-1)/N
-      leaves the rank: 4 * layers * (N-1)/N * ceil(L/N) * d * b. Plus the float32 velocity of
-      the rank's tokens gathered once per call: (N-1)/N * latent bytes (c x F x h x w x 4).
-      Cross-attention (text keys replicated), the audio injectors and the FFN need nothing.
-    * all-gather (``sharded``): FSDP2 gathers every unit once per call; a ring all-gather sends
-      (N-1)/N of the gathered bytes per rank: (N-1)/N * W.
+    * all-to-all: per layer, q/k/v go sequence-sharded -> head-sharded and the attention output
+      comes back (about 4 * layers * (N-1)/N * L/N * dim elements of ``b`` bytes, b = 4 for fp32,
+      else 2), plus the head's output gathered once per call. Cross-attention (text keys
+      replicated), the audio injectors and the FFN need nothing.
+    * all-gather (``sharded``): FSDP2 gathers every unit a call runs, (N-1) padded shards of it; for
+      a precision other than bf16 the bf16 figure is scaled by this precision's weight bytes.
     * hand-off (``handoff``, tpp): the float32 block latent c x F x h x w x 4, once per block.
 
     Not counted: once-per-clip or once-per-video exchanges (sink prefill, text K/V, the reference
     broadcast) and the one-element cancel/control messages.
     """
+    from .wire_bytes import SPLayout, predicted_wire_bytes
+
     g = geometry(cfg, scfg, width, height)
     b = 4 if precision == "fp32" else 2
     latent = cfg.out_dim * scfg.latent_frames_per_block * g.latent_h * g.latent_w * 4
     a2a = gather = 0
     if sp > 1:
-        share = (sp - 1) / sp
-        a2a = round(4 * cfg.num_layers * share * -(-g.block_tokens // sp) * cfg.dim * b + share * latent)
-        if sharded:
-            gather = round(share * weight_bytes(cfg, precision).total(cfg.num_layers))
+        sent = predicted_wire_bytes(cfg, g, SPLayout(sp, shard_weights=sharded, activation_bytes=b,
+                                                     weight_bytes=4 if precision == "fp32" else 2))
+        a2a = sent["all_to_all"] + sent["gather"]
+        gather = sent["weights"]
+        if sharded and precision not in ("fp32", "bf16", "fp16"):  # fp8, GGUF: the same units, fewer bytes
+            layers = cfg.num_layers
+            gather = round(gather * weight_bytes(cfg, precision).total(layers) / weight_bytes(cfg, "bf16").total(layers))
     return WireBytes(a2a, gather, latent if handoff else 0)
 
 

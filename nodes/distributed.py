@@ -110,7 +110,8 @@ def parse_gpus(gpus: str, workers: int) -> tuple[tuple[int, ...] | None, int]:
 
 def pool_options(dit_path, dit_name: str, lora_path, lora_name: str | None, precision: str, gpus: str, workers: int,
                  mode: str, idle_timeout_min: float, threads_per_worker: int = 0, nnodes: int = 1,
-                 rdzv_endpoint: str = "", channel_host: str = "127.0.0.1", nccl_p2p_disable: bool = False):
+                 rdzv_endpoint: str = "", channel_host: str = "127.0.0.1", nccl_p2p_disable: bool = False,
+                 sp: int = 1):
     from ..distributed.launcher import LOOPBACK, PoolOptions
 
     ids, count = parse_gpus(gpus, workers)
@@ -126,7 +127,7 @@ def pool_options(dit_path, dit_name: str, lora_path, lora_name: str | None, prec
         model=spec, workers=count, mode=mode, gpus=ids, backend="gloo" if ids is None else None, threads=threads,
         idle_timeout_s=idle_timeout_min * 60 if idle_timeout_min > 0 else None, channel="tcp" if tcp else "unix",
         nnodes=nnodes, rdzv_endpoint=rdzv_endpoint.strip() or None, channel_host=channel_host,
-        nccl_p2p_disable=nccl_p2p_disable,
+        nccl_p2p_disable=nccl_p2p_disable, sp=sp,
     )
 
 
@@ -159,8 +160,8 @@ class DistributedLauncher(io.ComfyNode):
                                         "ComfyUI itself uses out of the list if it is short of memory."),
                 io.Combo.Input("mode", options=["tpp", "sp"], default="tpp",
                                tooltip="tpp: the denoising steps are pipelined over the workers (each holds the whole "
-                                       "model; fastest; 2+ GPUs with room for the model). sp: attention heads and weight "
-                                       "shards split over the workers (for 24 GB cards)."),
+                                       "model; fastest; 2+ GPUs with room for the model). sp: every layer's tokens split "
+                                       "over all workers (Ulysses) with weight shards (for 24 GB cards)."),
                 io.Int.Input("workers", default=0, min=0, max=64,
                              tooltip="Workers on this machine; 0 = one per listed GPU (2 for 'cpu')."),
                 io.Int.Input("idle_timeout_min", default=15, min=0, max=24 * 60,
@@ -181,26 +182,31 @@ class DistributedLauncher(io.ComfyNode):
                 io.Boolean.Input("nccl_p2p_disable", default=False, optional=True,
                                  tooltip="Set NCCL_P2P_DISABLE=1 on every worker (all machines): needed on some consumer "
                                          "cards whose peer-to-peer transfers hang or corrupt data."),
+                io.Int.Input("sp", default=1, min=1, max=64, optional=True,
+                             tooltip="With mode tpp: step groups of this many sequence-parallel workers (Ulysses, weights "
+                                     "sharded in the group), e.g. 4 GPUs = 2 step groups x sp 2. 1 = plain tpp. The "
+                                     "workers must be a multiple of it."),
             ],
             outputs=[types.Model.Output(display_name="model")],
         )
 
     @classmethod
     def execute(cls, dit_name, lora_name, precision, gpus, mode, workers, idle_timeout_min, threads_per_worker=0,
-                nnodes=1, rdzv_endpoint="", channel_host="127.0.0.1", nccl_p2p_disable=False) -> io.NodeOutput:
+                nnodes=1, rdzv_endpoint="", channel_host="127.0.0.1", nccl_p2p_disable=False, sp=1) -> io.NodeOutput:
         from ..distributed.launcher import check_gpus, shared_pool
 
         dit_path = runtime.dit_path(dit_name)
         lora_path = None if lora_name == runtime.NONE else runtime.model_path("loras", lora_name)
         options = pool_options(dit_path, dit_name, lora_path, None if lora_path is None else lora_name, precision, gpus,
                                workers, mode, idle_timeout_min, threads_per_worker, nnodes, rdzv_endpoint, channel_host,
-                               nccl_p2p_disable)
+                               nccl_p2p_disable, sp)
         check_gpus(options)  # in a moment, before a running pool is replaced or a process started
         cfg = read_dit_config(dit_path)
         pool = shared_pool(options).start()  # load now: a bad file or a missing machine fails here, not mid-video
         where = "CPU (gloo)" if options.gpus is None else f"GPUs {list(options.gpus)}"
         machines = f" on {options.nnodes} machines" if options.nnodes > 1 else ""
-        summary = f"{dit_name} ({precision}) on {pool.world} workers{machines}, {mode}, {where}"
+        layout = f"{mode} x sp {sp}" if mode == "tpp" and sp > 1 else mode
+        summary = f"{dit_name} ({precision}) on {pool.world} workers{machines}, {layout}, {where}"
         return io.NodeOutput(DistributedModel(options, cfg, dit_name, summary))
 
 

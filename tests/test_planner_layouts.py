@@ -14,12 +14,10 @@ import torch
 
 from liveavatar_pack.cli import main as cli_main
 from liveavatar_pack.liveavatar.config import TINY, WAN_S2V_14B, SamplerConfig
-from liveavatar_pack.liveavatar.kv_cache import CacheStorage
-from liveavatar_pack.liveavatar.tiny import TINY_LATENT_HW, tiny_transformer
+from liveavatar_pack.liveavatar.tiny import TINY_LATENT_HW
 from liveavatar_pack.model_loaders import planner
 from liveavatar_pack.model_loaders.placement import PlacementConfig
 from liveavatar_pack.model_loaders.planner import (
-    GiB,
     Layout,
     SpeedModel,
     block_step_flops,
@@ -83,43 +81,34 @@ def test_sp_flops_per_rank_within_1_over_n_plus_10_percent(cfg, w, h, n):
 
 
 # ---------------------------------------------------------------------------- bytes on the wire
-def _tiny_block_tensors():
-    """Bytes of the q, k, v and attention-output tensors of every self-attention, and the block
-    latent, in one steady-state tiny forward_block (float32, CPU)."""
-    h, w = TINY_LATENT_HW
-    model = tiny_transformer(0)
-    storage = CacheStorage("cpu", torch.float32)
-    cache = model.new_kv_cache(h, w, SCFG.latent_frames_per_clip, storage)
-    cond = model.new_cond_cache(h, w, storage)
-    text = model.embed_text(torch.randn(7, TINY.text_dim))
-    model.prefill_sink(torch.randn(16, 1, h, w), torch.randn(16, 19, h, w), text, cond, 30)
-    x, t = torch.randn(16, 3, h, w), torch.full((3,), 500.0)
-    audio = torch.randn(1, TINY.num_audio_layers, TINY.audio_dim, 12)
-    seen = []
-    hooks = [lin.register_forward_hook(lambda m, i, o: seen.append(o.nbytes))
-             for blk in model.blocks for lin in (blk.self_attn.q, blk.self_attn.k, blk.self_attn.v, blk.self_attn.o)]
-    with torch.no_grad():
-        out = model.forward_block(x, t, text, audio, cache, cond, SCFG.latent_frames_per_clip, 30, 73)
-    for hk in hooks:
-        hk.remove()
-    return sum(seen), len(seen), x.nbytes, out.nbytes
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_wire_bytes_are_the_measured_ulysses_formula(n):
+    """The planner's sp traffic is ``predicted_wire_bytes`` (which tests/test_ulysses.py matches byte
+    for byte against the collectives a rank dispatches), for every precision: the all-to-all terms
+    equal, the weight all-gather scaled by the precision's weight bytes; the tpp hand-off is
+    one float32 block latent. At 14B the all-to-all is close to the closed form
+    4 * layers * (N-1)/N * ceil(L/N) * dim * 2 (within 1%)."""
+    from liveavatar_pack.model_loaders.planner import geometry
+    from liveavatar_pack.model_loaders.wire_bytes import SPLayout, predicted_wire_bytes
 
-
-@pytest.mark.parametrize("n", [2, 4])
-def test_wire_bytes_follow_the_tensors_the_engine_builds(n):
-    """The all-to-all term is (N-1)/N of a rank's 1/N share of every self-attention's q, k, v and
-    output (4 per layer, counted off the real tiny model), plus (N-1)/N of the velocity; the tpp
-    hand-off is one block latent; FSDP's all-gather is (N-1)/N of the weights."""
-    qkvo, count, latent, velocity = _tiny_block_tensors()
-    assert count == 4 * TINY.num_layers and velocity == latent
     h, w = TINY_LATENT_HW
-    wire = layout_wire_bytes(TINY, SCFG, 8 * w, 8 * h, "fp32", sp=n, sharded=True, handoff=True)
-    share = (n - 1) / n
-    assert wire.all_to_all == round(share * qkvo / n + share * velocity)
-    assert wire.handoff == latent
-    assert wire.all_gather == round(share * weight_bytes(TINY, "fp32").total(TINY.num_layers))
-    assert layout_wire_bytes(TINY, SCFG, 8 * w, 8 * h, "fp32", sp=n, sharded=False).all_gather == 0
-    assert layout_wire_bytes(TINY, SCFG, 8 * w, 8 * h, "fp32").per_call == 0  # one process: nothing on the wire
+    for cfg, (W, H) in ((TINY, (8 * w, 8 * h)), (WAN_S2V_14B, (704, 384))):
+        g = geometry(cfg, SCFG, W, H)
+        latent = cfg.out_dim * SCFG.latent_frames_per_block * g.latent_h * g.latent_w * 4
+        for precision, b in (("fp32", 4), ("bf16", 2), ("fp8", 2)):
+            wire = layout_wire_bytes(cfg, SCFG, W, H, precision, sp=n, sharded=True, handoff=True)
+            ref = predicted_wire_bytes(cfg, g, SPLayout(n, True, b, b))
+            assert wire.all_to_all == ref["all_to_all"] + ref["gather"]
+            assert wire.handoff == latent
+            scale = weight_bytes(cfg, precision).total(cfg.num_layers) / weight_bytes(cfg, "bf16").total(cfg.num_layers)
+            expect = ref["weights"] if precision != "fp8" else ref["weights"] * scale
+            assert abs(wire.all_gather - expect) <= 1
+            assert layout_wire_bytes(cfg, SCFG, W, H, precision, sp=n, sharded=False).all_gather == 0
+            assert layout_wire_bytes(cfg, SCFG, W, H, precision).per_call == 0  # one process: nothing on the wire
+    cfg = WAN_S2V_14B
+    g = geometry(cfg, SCFG, 704, 384)
+    closed = 4 * cfg.num_layers * (n - 1) / n * -(-g.block_tokens // n) * cfg.dim * 2
+    assert abs(layout_wire_bytes(cfg, SCFG, 704, 384, "bf16", sp=n).all_to_all / closed - 1) < 0.01
 
 
 # ---------------------------------------------------------------------------- time per block and fps
