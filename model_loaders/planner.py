@@ -10,7 +10,7 @@ the encoder/VAE sizes), never from hard-wired 14B numbers:
   weights (FSDP shards) + the gathered block and its prefetch (replicated: all of them);
 * KV caches: steps x layers x 2 x tokens x heads x head_dim x bytes (+ fp8 scales), one clip
   window of tokens (latent_frames_per_clip x tokens per frame); tpp: each rank only its steps;
-  sp: heads split across ranks; sink store: sink tokens instead of the window;
+  sp: heads split across ranks (Ulysses); sink store: sink tokens instead of the window;
 * activations of one ``forward_block`` (an estimate; see ``activation_terms``; Ulysses sp: a
   rank's 1/N of the tokens + the all-to-all buffers), text K/V of
   every layer (kept for the whole run), VAE decode of one block (estimate), encoders when
@@ -948,7 +948,10 @@ def verdict(plan: MemoryPlan, gpus: list[float] | str, host_ram_gib: float | Non
         hints.append("more host RAM (--host-ram GIB if more is free than the system reports)")
     if pd["kv_cache_dtype"] is None:
         hints.append("fp8 KV caches (kv_cache_dtype float8_e4m3fn; changes results slightly)")
-    hints.append("more GPUs (--mode sp splits heads and weights; --mode tpp splits steps; plan --gpus NxGIB ranks every layout)")
+    if s["precision"] not in GGUF_BYTES:
+        hints.append("a GGUF file (plan --precision Q4_K: quantized weights stay quantized on the GPU)")
+    hints.append("more GPUs (--mode sp splits tokens, heads and weights; --mode tpp splits steps; plan --gpus NxGIB "
+                 "ranks every layout)")
     return Verdict(False, "does not fit: " + "; ".join(problems) + ". Try: " + "; ".join(dict.fromkeys(hints)),
                    headroom, host_headroom)
 
