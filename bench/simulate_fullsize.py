@@ -33,20 +33,34 @@ How (and why this way):
   the Wan 2.1 VAE) and holes for data; the loaders parse, check and plan from the header as
   always, and ``Checkpoint.read`` skips only the byte read into a fake tensor.
 
+Order of one row, as the engine runs it: the encoders load on the host, encode on the device and
+go back to the host (kept there: the planner's "encoders (CPU copy)"); the DiT loads straight onto
+the device when every block stays there (as ``generate`` does), else on the host and then is placed
+(as the model-loader node does with a placement); the VAE loads; the sampler's caches are made,
+the decoder warms up, and one clip runs (4 blocks x steps DiT calls, each block decoded). A tpp row
+simulates its busiest DiT rank (its steps' caches; the VAE only where the plan puts it there).
+Rows that differ only in what the planner was asked (host limit, TFLOP/s) simulate the same run once.
+
+Checked by ``--smoke`` (and tests/test_simulate_fullsize.py): the same run on real CPU tensors
+(CPU as the device) tracked the same way peaks at exactly the fake run's device + host bytes.
+
 Not simulated: CUDA context, cuBLAS workspaces and allocator fragmentation (the planner's fixed
 "runtime reserve", added to the simulated peak before the ratio and printed), the LoRA merge
 (load-time only), sequence-parallel rows (their sharding needs torch.distributed ranks) and
 pinned-memory staging copies. Tensors the code keeps between calls (RoPE tables, the decoder's
 causal cache) are counted, as on the GPU.
 
-Output: per configuration one line with the simulated device peak (all phases), the simulated
-host peak while sampling (and while loading), the planner's predictions, and
+Output: per configuration one line with the simulated device peak (from the DiT load on; the
+encode phase is printed once, apart, as the planner keeps it apart), the simulated host peak while
+sampling (and while loading the DiT), the planner's predictions, and
 ``ratio X.XX`` = planner / (simulated device peak + runtime reserve); then the FLOPs of one
 steady-state DiT call as ``FlopCounterMode`` counts them against ``block_step_flops``, and the
 host->device bytes of that call against the planner's traffic term.
 
-Usage: python bench/simulate_fullsize.py            (14B, 704*384 and 688*368; a few minutes)
-       python bench/simulate_fullsize.py --smoke    (scaled down; seconds)
+Usage: python bench/simulate_fullsize.py            (14B, the README table's rows: 704*384 and 688*368;
+                                                    11 min, 0.5 GiB RSS on a loaded 2-core machine)
+       python bench/simulate_fullsize.py --smoke    (scaled down; under a minute)
+       [--rows 0,3] [--phases] [--json out.json]
 """
 from __future__ import annotations
 
