@@ -8,7 +8,7 @@ This looks for the same pattern elsewhere:
    full KV window; 2 layers, as every layer runs the same code) on fake tensors on the
    simulated device (``simulate_fullsize``), under a dispatch mode that records every operation
    receiving a non-contiguous tensor of more than 1M elements (views themselves excluded), with
-   the engine line that issued it;
+   the engine line that issued it (attention as the flash kernel, as on a GPU);
 2. timing: a small real model on the CPU, ``forward_block`` as is against the same with the
    attention heads made contiguous (``SelfAttention.heads``: the one per-layer view the scan
    shows feeding compute), best of N, 1 thread, and whether the outputs are bitwise equal.
@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_flatten
 
 import simulate_fullsize as sim  # noqa: E402  (loads the pack)
 from liveavatar_pack.liveavatar.config import WAN_S2V_14B, DiTConfig, SamplerConfig, replace  # noqa: E402
+from liveavatar_pack.liveavatar import transformer as transformer_mod  # noqa: E402
 from liveavatar_pack.liveavatar.kv_cache import CacheStorage  # noqa: E402
 from liveavatar_pack.liveavatar.transformer import SelfAttention  # noqa: E402
 from liveavatar_pack.model_loaders.dit import empty_model  # noqa: E402
@@ -84,10 +85,14 @@ def scan(width: int = 704, height: int = 384) -> collections.Counter:
                            scfg.rope_ref_frame)
         mode = NonContiguous()
         nf = scfg.latent_frames_per_block
-        with mode:
-            model.forward_block(torch.zeros(16, nf, h, w, device=dev), torch.full((nf,), 500.0), text,
-                                torch.zeros(1, cfg.num_audio_layers, cfg.audio_dim, scfg.frames_per_block), cache, cond,
-                                scfg.latent_frames_per_clip, scfg.rope_ref_frame, scfg.motion_video_frames)
+        attention, transformer_mod.attention = transformer_mod.attention, sim.flash_attention  # as on a GPU
+        try:
+            with mode:
+                model.forward_block(torch.zeros(16, nf, h, w, device=dev), torch.full((nf,), 500.0), text,
+                                    torch.zeros(1, cfg.num_audio_layers, cfg.audio_dim, scfg.frames_per_block), cache,
+                                    cond, scfg.latent_frames_per_clip, scfg.rope_ref_frame, scfg.motion_video_frames)
+        finally:
+            transformer_mod.attention = attention
     return mode.hits
 
 
