@@ -92,7 +92,10 @@ def load_dit_model(path, lora_path, precision: str, placement, device: torch.dev
     """``model_loaders.dit.load_dit`` (one place to switch loaders): returns (model, summary)."""
     from ..model_loaders.dit import load_dit
 
-    target = "cpu" if placement is not None else device
+    # a placement that swaps or offloads needs the host copy; one that keeps every block resident
+    # loads straight to the device, so the host never holds the whole DiT (the planner's load term)
+    host_first = placement is not None and (placement.blocks_on_device is not None or placement.offload_model_between_uses)
+    target = "cpu" if host_first else device
     model, report = load_dit(path, lora=lora_path, precision=precision, device=target)
     return model, report.summary()
 
