@@ -982,6 +982,15 @@ def _candidates(num_layers: int, prefetch: bool, device: str):
     return exact, lossy
 
 
+def _rank_runs(pc: PlacementConfig) -> bool:
+    """Whether a distributed DiT rank can run ``pc``: the ranks keep every block resident and their
+    KV caches on the GPU in the model dtype (block swap, host or fp8 KV caches and offloading are
+    placements of the single process - the nodes' Placement - only), so a layout is ranked by
+    what ``generate --workers`` really runs."""
+    return (pc.blocks_on_device is None and pc.kv_cache_device == "device" and pc.kv_cache_dtype is None
+            and not pc.offload_model_between_uses)
+
+
 @dataclass
 class _Tried:
     pc: PlacementConfig
@@ -1027,6 +1036,8 @@ def choose_placement(
         for pc in group:
             if layout.sharded and pc.blocks_on_device is not None:
                 continue  # sharded sp already streams its blocks (all-gathers)
+            if layout.gpus > 1 and not _rank_runs(pc):
+                continue  # a distributed rank runs only what distributed/runtime.py builds
             plan = plan_memory(dit_cfg, precision, width, height, sampler_cfg, pc, speed=speed, layout=layout,
                                **plan_kwargs)
             gpu_ok = verdict(plan, gpus).fits

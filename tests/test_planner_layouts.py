@@ -157,6 +157,9 @@ def _brute_force_best(gpus, precision, speed):
                 for n in [None] + list(range(1, WAN_S2V_14B.num_layers)):
                     if layout.sharded and n is not None:
                         continue
+                    # distributed ranks keep every block and their KV caches on the GPU in the model dtype
+                    if layout.gpus > 1 and (n is not None or kv_dev != "device" or kv_dtype is not None):
+                        continue
                     pc = PlacementConfig(device="cuda", blocks_on_device=n, kv_cache_device=kv_dev, kv_cache_dtype=kv_dtype)
                     plan = plan_memory(WAN_S2V_14B, precision, 704, 384, SCFG, pc, speed=speed, layout=layout)
                     if verdict(plan, gpus[:layout.gpus]).fits:
@@ -206,7 +209,7 @@ FPS = re.compile(r"\s(\d+\.\d) fps\s")
 
 
 def test_cli_plan_gpus_recommends_the_fastest_and_lists_runners_up(capsys):
-    assert cli_main(["plan", "--gpus", "4x24", "--size", "704*384", "--host-ram", "0"]) == 0
+    assert cli_main(["plan", "--gpus", "8x24", "--size", "704*384", "--precision", "fp8", "--host-ram", "0"]) == 0
     out = capsys.readouterr().out
     ranking = out.split("recommended (the fastest that fits):", 1)[1].split("-- recommended layout in detail", 1)[0]
     rows = [line for line in ranking.splitlines() if re.match(r"\s+\d+\. ", line)]
@@ -218,15 +221,29 @@ def test_cli_plan_gpus_recommends_the_fastest_and_lists_runners_up(capsys):
     first = rows[0].strip().split(". ", 1)[1].split("  ")[0]
     assert f"recommended layout: {first}:" in out
     # the link override is printed and moves the numbers of layouts with traffic
-    assert cli_main(["plan", "--gpus", "4x24", "--size", "704*384", "--host-ram", "0", "--link-gbps", "100"]) == 0
+    assert cli_main(["plan", "--gpus", "8x24", "--size", "704*384", "--precision", "fp8", "--host-ram", "0",
+                     "--link-gbps", "100"]) == 0
     assert "100 GB/s between GPUs (given" in capsys.readouterr().out
 
 
+def test_ranks_are_planned_with_the_placement_they_run():
+    """Distributed ranks keep every block and their KV caches on the GPU in the model dtype
+    (distributed/runtime.py has no block swap or host KV), so no layout on several GPUs is ranked
+    with a placement they cannot run; one process may still swap or keep its caches on the host."""
+    g = planner.parse_gpus("4x24")
+    choice = choose_layout(WAN_S2V_14B, "fp8", 704, 384, SCFG, g, speed=SpeedModel(tflops=66).with_gpus(g))
+    for option in choice.ranked + choice.unfit:
+        if option.layout.gpus > 1:
+            pc = option.plan.settings["placement_dict"]
+            assert pc.get("blocks_on_device") is None and pc.get("kv_cache_device", "device") == "device"
+            assert pc.get("kv_cache_dtype") is None and not pc.get("offload_model_between_uses")
+
+
 def test_cli_plan_explicit_layouts(capsys):
-    assert cli_main(["plan", "--gpus", "4x24", "--precision", "fp8", "--mode", "tpp", "--sp", "2", "--host-ram", "0"]) == 0
+    assert cli_main(["plan", "--gpus", "4x48", "--precision", "fp8", "--mode", "tpp", "--sp", "2", "--host-ram", "0"]) == 0
     out = capsys.readouterr().out
     assert "recommended layout: tpp 2 x sp 2" in out and "--workers 4 --mode tpp --sp 2" in out
-    assert cli_main(["plan", "--gpus", "5x24", "--precision", "fp8", "--mode", "tpp", "--sp", "2", "--decode-rank",
+    assert cli_main(["plan", "--gpus", "5x48", "--precision", "fp8", "--mode", "tpp", "--sp", "2", "--decode-rank",
                      "--host-ram", "0"]) == 0
     assert "--workers 4 --mode tpp --sp 2 --decode-rank" in capsys.readouterr().out
     assert cli_main(["plan", "--gpus", "4x24", "--mode", "tpp", "--sp", "3"]) == 2
