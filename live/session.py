@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..liveavatar.config import SamplerConfig
-from ..liveavatar.sampler import Cancelled, SinkInputs, StreamingSampler
+from ..liveavatar.sampler import Cancelled, SinkInputs
 from ..liveavatar.stream_audio import StreamingFeatures
 from ..liveavatar.vae import BlockDecoder, to_uint8
 from .muxer import AUDIO_RATE, LiveMuxer, Segment
@@ -96,14 +96,33 @@ class LiveAudio:
                     raise Cancelled()
                 now = time.monotonic()
                 if self.flush or now >= self.due(needed) + self.pacing.grace:
-                    self._arrive()
-                    self.pads.append((self.features.length, needed - self.features.length))
-                    del self.pads[:-10000]
-                    self.features.pad_silence(needed - self.features.length)
+                    self._pad(needed)
                     break
                 self.cond.wait(min(0.05, self.due(needed) + self.pacing.grace - now))
             prepared = self.features.prepare(a, b)
         return self.features.encode(prepared)  # outside the lock: the connection keeps pushing audio
+
+    def try_frames(self, start: int, stop: int) -> torch.Tensor | None:
+        """``frames`` without the wait, for a worker pool's feed (polled): None while the block's audio is
+        not there and not yet due for silence padding. Once cancelled it pads at once: the ranks finish the
+        blocks they started (their output is dropped) and the pool stays usable."""
+        a, b = start + self.offset, stop + self.offset
+        needed = self.features.samples_needed(b)
+        with self.cond:
+            if self.features.length < needed:
+                if not (self.cancelled.is_set() or self.flush
+                        or time.monotonic() >= self.due(needed) + self.pacing.grace):
+                    return None
+                self._pad(needed)
+            prepared = self.features.prepare(a, b)
+        return self.features.encode(prepared)
+
+    def _pad(self, needed: int) -> None:
+        """Silence up to ``needed`` (caller holds ``cond``)."""
+        self._arrive()
+        self.pads.append((self.features.length, needed - self.features.length))
+        del self.pads[:-10000]
+        self.features.pad_silence(needed - self.features.length)
 
 
 @dataclass
@@ -195,11 +214,10 @@ class LiveSession:
         """One reference: sampler + decoder until cancelled or a new reference is waiting."""
         cfg = self.cfg
         self.audio.offset = self.frames_out
-        sampler = StreamingSampler(self.model, cfg, self.text, self.audio, sink, self.seed,
-                                   check_cancel=self._check_cancel)
+        sampler, num_clips = self.engine.sampler(sink, self.audio, self._check_cancel)
         decoder = BlockDecoder.from_config(self.vae, cfg)
         decoder.warm_up(sink.motion_latents)
-        for index, block in enumerate(sampler.blocks(1 << 30)):
+        for index, block in enumerate(sampler.blocks(num_clips)):
             self._check_cancel()
             frames = to_uint8(decoder.decode_block(block.latents)).numpy()
             start = block.clip * cfg.frames_per_clip + block.block * cfg.frames_per_block + self.audio.offset
@@ -216,7 +234,10 @@ class LiveSession:
                 sound_to = max(sound_from, min(features.length, round(self.frames_out * features.samples_per_frame)
                                                + SOUND_LEAD))
                 sound = features.samples(sound_from, sound_to)
-                features.hold_from = sound_to
+                # a pool reads features ahead; a new reference re-reads from the next frame: keep its window
+                features.hold_from = sound_to if self.engine.pool is None else \
+                    max(0, min(sound_to, round(self.frames_out * features.samples_per_frame) - features.context
+                               - features.audio.sample_rate))
             with self._lock:
                 event.written = time.monotonic()
                 self._pending.append(event)
