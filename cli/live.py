@@ -99,7 +99,18 @@ def run_live(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be 0..65535, got {args.port}")
-    serve(build_engine(args), args.host, args.port, print_fn=lambda m: print(m, file=sys.stderr, flush=True))
+    from ..distributed.launcher import WorkerError
+
+    engine = build_engine(args)
+    if engine.pool is not None:
+        print(f"live: starting {args.workers} {args.mode} workers; the server listens once they are warm",
+              file=sys.stderr, flush=True)
+    try:
+        serve(engine, args.host, args.port, print_fn=lambda m: print(m, file=sys.stderr, flush=True))
+    except (WorkerError, ValueError) as err:  # the pool starts with the server (e.g. no such GPUs)
+        raise UserError(f"live: the workers did not start: {str(err).splitlines()[0]}") from err
+    finally:
+        engine.close()
     return 0
 
 

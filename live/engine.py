@@ -82,6 +82,22 @@ class Engine:
         """Start the workers now (the server starts listening once they are warm); no-op without a pool."""
         if self.pool is not None:
             self.pool.start()
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One clip of silence through the pool: a fresh pool's first blocks pay one-off costs (first
+        collectives, kernels), which the first session's time to first frame would otherwise show; this
+        also encodes (caches) the default reference."""
+        from ..distributed.sampler import DistributedSampler
+        from ..liveavatar.sampler import TensorAudio
+
+        m = self.models
+        feats = self.features()
+        feats.pad_silence(feats.samples_needed(m.cfg.frames_per_clip))
+        audio = TensorAudio(feats.frames(0, m.cfg.frames_per_clip))
+        sampler = DistributedSampler(self.pool, m.cfg, self.text_tensor, audio, self.encode(self.pixels()), m.seed)
+        for _ in sampler.blocks(1):
+            pass
 
     def close(self, wait_s: float = 60.0) -> None:
         """Release the workers: the running session (if any) is cancelled and waited for, then the pool closes

@@ -40,6 +40,25 @@ def _wait_idle(engine, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+async def _until(ws, want, timeout: float = 120.0) -> list[dict]:
+    """Text messages up to (and including) the first for which ``want(msg)``; binary frames skipped."""
+    import asyncio
+    import json
+
+    import aiohttp
+
+    seen = []
+    while True:
+        msg = await asyncio.wait_for(ws.receive(), timeout)
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            continue
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            return seen + [{"type": "closed", "code": ws.close_code}]
+        seen.append(json.loads(msg.data))
+        if want(seen[-1]):
+            return seen
+
+
 def _alive(pids) -> list[int]:
     import psutil
 
@@ -95,6 +114,33 @@ def test_live_tpp_pool_matches_one_process_is_reused_and_cancels(tmp_path):
         again = _stream(srv.port, wav, tmp_path / "again.mp4")
         assert not again.errors and again.frames >= n
         assert engine.pool.agent_pid == agent and engine.pool.running
+        _wait_idle(engine)
+
+        # a new reference mid-session (no audio, end of utterance: idle at once, no 30 s grace): the job stops,
+        # the next starts on the same pool
+        async def new_reference():
+            import base64
+            import io
+
+            from PIL import Image
+
+            png = io.BytesIO()
+            Image.new("RGB", (80, 64), (200, 40, 40)).save(png, "PNG")
+            async with aiohttp.ClientSession() as http:
+                async with http.ws_connect(f"ws://127.0.0.1:{srv.port}/ws") as ws:
+                    await ws.send_str(json.dumps({"type": "start", "sample_rate": 16000}))
+                    await ws.send_str(json.dumps({"type": "end_utterance"}))
+                    msgs = await _until(ws, lambda m: m["type"] == "block" and m["index"] >= 1)
+                    await ws.send_str(json.dumps({"type": "image", "image": base64.b64encode(png.getvalue()).decode()}))
+                    msgs += await _until(ws, lambda m: m["type"] == "block" and m["first_frame"] >= 45)
+                    await ws.send_str('{"type": "stop"}')
+                    return msgs + await _until(ws, lambda m: m["type"] == "end")
+
+        msgs = asyncio.run(new_reference())
+        assert not [m for m in msgs if m["type"] == "error"]
+        firsts = [m["first_frame"] for m in msgs if m["type"] == "block"]
+        assert firsts == sorted(firsts) and firsts[-1] >= 45
+        assert engine.pool.agent_pid == agent
         _wait_idle(engine)
 
         # a client that goes away mid-session: its job is cancelled within about a block, the pool stays
@@ -175,3 +221,17 @@ def test_pool_streams_each_block_while_the_next_blocks_audio_is_not_there():
     want = [b.latents for b in StreamingSampler(models.model, cfg, models.model.embed_text(text), TensorAudio(track),
                                                 sink, models.seed).blocks(2)]
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "2", "--mode", "tpp", "--decode-rank"], "error: live decodes in the server process"),
+    (["--workers", "2", "--mode", "tpp", "--sp", "3"], "error: tpp x sp needs workers divisible by sp"),
+])
+def test_cli_live_worker_flags_are_checked_before_anything_starts(flags, message):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, "-m", "liveavatar", "live", "--demo", *flags],
+                       cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith(message) and len(r.stderr.strip().splitlines()) == 1, r.stderr
