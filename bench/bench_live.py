@@ -5,8 +5,10 @@ speech-like file to it at real-time pace with the pack's own client, as ``live-c
 Per block, the client's latency is the time from sending the audio at the block's first frame to
 receiving the event that its first frame left the encoder (the media segment is sent just before).
 fps is the rate frames reached the client. With ``--features``, also the streaming-feature
-difference from the offline features on the golden audio, by look-ahead. Usage:
-  python bench/bench_live.py [--size 64*64] [--seconds 10] [--features] [--json out.json]
+difference from the offline features on the golden audio, by look-ahead. With ``--workers N`` the
+DiT runs on a warm tpp pool of N workers started with the server (``live --workers N --mode tpp``).
+Usage:
+  python bench/bench_live.py [--size 64*64] [--seconds 10] [--workers 2] [--features] [--json out.json]
 """
 from __future__ import annotations
 
@@ -33,11 +35,19 @@ from liveavatar_pack.liveavatar.demo_assets import synth_speech  # noqa: E402
 from liveavatar_pack.liveavatar.stream_audio import StreamingAudioConfig  # noqa: E402
 
 
-def run_session(size: str, seconds: float, lookahead_ms: float) -> dict:
+def run_session(size: str, seconds: float, lookahead_ms: float, workers: int = 0) -> dict:
     t = time.perf_counter()
-    engine = Engine(demo_models(size, stream=StreamingAudioConfig(lookahead_ms=lookahead_ms)))
+    models = demo_models(size, stream=StreamingAudioConfig(lookahead_ms=lookahead_ms))
+    pool = None
+    if workers:
+        from liveavatar_pack.distributed.launcher import PoolOptions
+
+        pool = PoolOptions(model=models.spec, workers=workers, mode="tpp", threads=1)
+    engine = Engine(models, pool)
     build_s = time.perf_counter() - t
-    with tempfile.TemporaryDirectory() as tmp, ServerThread(make_app(engine)) as srv:
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, ServerThread(make_app(engine)) as srv:  # starts (warms) the pool
+        start_s = time.perf_counter() - t
         wav = Path(tmp) / "speech.wav"
         sf.write(wav, synth_speech(seconds, 16000), 16000)
         # the first session also pays the reference encode (cached afterwards): measure both
@@ -47,7 +57,8 @@ def run_session(size: str, seconds: float, lookahead_ms: float) -> dict:
             if res.errors:
                 raise SystemExit(f"live session failed: {res.errors}")
             runs.append(res)
-    out = {"size": size, "seconds": seconds, "lookahead_ms": lookahead_ms, "build_models_s": round(build_s, 2)}
+    out = {"size": size, "seconds": seconds, "lookahead_ms": lookahead_ms, "build_models_s": round(build_s, 2),
+           "layout": f"tpp {workers} workers" if workers else "1 process", "server_start_s": round(start_s, 2)}
     for name, res in zip(("cold", "warm"), runs):
         lat = [b["client_latency_ms"] for b in res.blocks if b["client_latency_ms"] is not None]
         first, last = res.blocks[0], res.blocks[-1]
@@ -96,11 +107,12 @@ def main() -> None:
     p.add_argument("--size", default="64*64")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--lookahead-ms", type=float, default=320.0)
+    p.add_argument("--workers", type=int, default=0, help="run the DiT on a tpp pool of this many workers")
     p.add_argument("--features", action="store_true", help="also the streaming-feature difference on the golden audio")
     p.add_argument("--golden", default=str(_pack.ROOT.parent / "shared" / "golden"))
     p.add_argument("--json")
     args = p.parse_args()
-    result = {"session": run_session(args.size, args.seconds, args.lookahead_ms)}
+    result = {"session": run_session(args.size, args.seconds, args.lookahead_ms, args.workers)}
     if args.features:
         result["features_vs_offline"] = feature_difference(Path(args.golden))
     text = json.dumps(result, indent=1)

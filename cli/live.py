@@ -24,6 +24,9 @@ def add_live_arguments(p: argparse.ArgumentParser) -> None:
                    help="audio after a block that its features hear (latency floor = one block + this)")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32", "fp8"], default=None)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    from .workers import add_worker_arguments
+
+    add_worker_arguments(p)  # --workers N --mode tpp [--sp M]: the DiT on a warm pool started with the server
 
 
 def build_engine(args: argparse.Namespace):
@@ -33,11 +36,20 @@ def build_engine(args: argparse.Namespace):
     from ..liveavatar.stream_audio import StreamingAudioConfig
     from ..live.engine import Engine, LiveModels, demo_models
 
+    from .workers import check_worker_layout, pool_options
+
     stream = StreamingAudioConfig(lookahead_ms=args.lookahead_ms)
     try:
         stream.validate()
+        if args.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {args.workers}")
+        if args.decode_rank:
+            raise ValueError("live decodes in the server process (it muxes the sound with each block); "
+                             "drop --decode-rank")
+        check_worker_layout(args, SamplerConfig(steps=args.steps))
         if args.demo:
-            return Engine(demo_models(args.size or "64*64", args.seed, args.steps, stream=stream))
+            models = demo_models(args.size or "64*64", args.seed, args.steps, stream=stream)
+            return Engine(models, pool_options(args, models.spec) if args.workers else None)
         if not args.image:
             raise ValueError("--models needs --image (the default reference image)")
         from ..liveavatar.image import load_reference_image, parse_size, to_pil
@@ -67,10 +79,19 @@ def build_engine(args: argparse.Namespace):
     vae = load_wan_vae(files.vae, device=device, dtype=vae_p.dtype)
     encoder = load_audio_encoder(files.audio_encoder, dtype=audio_p.dtype, device=device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    model, report = load_dit(files.dit, lora=files.lora, precision=precision, device=device)
-    print(report.summary(), file=sys.stderr)
+    spec = {"kind": "dit", "path": str(files.dit), "lora": str(files.lora) if files.lora else None,
+            "precision": precision}
+    if args.workers:  # the workers hold the DiT (and embed the text): this process loads none of it
+        model = None
+    else:
+        model, report = load_dit(files.dit, lora=files.lora, precision=precision, device=device)
+        print(report.summary(), file=sys.stderr)
     with torch.inference_mode():
-        return Engine(LiveModels(model, vae, encoder, text, cfg, size, args.seed, image, files.dit.name, stream))
+        try:
+            return Engine(LiveModels(model, vae, encoder, text, cfg, size, args.seed, image, files.dit.name, stream,
+                                     spec), pool_options(args, spec) if args.workers else None)
+        except ValueError as err:
+            raise UserError(str(err)) from err
 
 
 def run_live(args: argparse.Namespace) -> int:
@@ -78,7 +99,18 @@ def run_live(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be 0..65535, got {args.port}")
-    serve(build_engine(args), args.host, args.port, print_fn=lambda m: print(m, file=sys.stderr, flush=True))
+    from ..distributed.launcher import WorkerError
+
+    engine = build_engine(args)
+    if engine.pool is not None:
+        print(f"live: starting {args.workers} {args.mode} workers; the server listens once they are warm",
+              file=sys.stderr, flush=True)
+    try:
+        serve(engine, args.host, args.port, print_fn=lambda m: print(m, file=sys.stderr, flush=True))
+    except (WorkerError, ValueError) as err:  # the pool starts with the server (e.g. no such GPUs)
+        raise UserError(f"live: the workers did not start: {str(err).splitlines()[0]}") from err
+    finally:
+        engine.close()
     return 0
 
 

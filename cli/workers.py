@@ -56,18 +56,24 @@ def worker_sources(args: argparse.Namespace, model: dict, cfg: SamplerConfig, co
 def worker_block_source(args: argparse.Namespace, model: dict, cfg: SamplerConfig, cond: Conditioning,
                         seed: int, vae: dict | None = None) -> Callable[[int], Iterator[BlockOutput]]:
     """A ``VideoStream`` block source backed by the shared worker pool (with ``vae``: a decode rank's frames)."""
-    from ..distributed.launcher import LOOPBACK, PoolOptions
     from ..distributed.sampler import DistributedSampler
+
+    opts = pool_options(args, model, decode_rank=vae is not None)
+    sampler = DistributedSampler(opts, cfg, cond.text, cond.audio, cond.sink, seed, vae=vae)
+    return sampler.frames if vae is not None else sampler.blocks
+
+
+def pool_options(args: argparse.Namespace, model: dict, decode_rank: bool = False):
+    """The ``PoolOptions`` the worker flags describe (``generate``, ``demo`` and ``live`` share them)."""
+    from ..distributed.launcher import LOOPBACK, PoolOptions
 
     gpus = tuple(int(g) for g in args.gpus.split(",")) if args.gpus else None
     nnodes = getattr(args, "nnodes", 1)
     channel_host = getattr(args, "channel_host", "127.0.0.1")
     tcp = nnodes > 1 or channel_host not in LOOPBACK
-    opts = PoolOptions(model=model, workers=args.workers, mode=args.mode, gpus=gpus,
+    return PoolOptions(model=model, workers=args.workers, mode=args.mode, gpus=gpus,
                        threads=max(1, torch.get_num_threads() // max(1, args.workers)),
                        nnodes=nnodes, rdzv_endpoint=getattr(args, "rdzv_endpoint", None),
                        channel="tcp" if tcp else "unix", channel_host=channel_host,
-                       nccl_p2p_disable=getattr(args, "nccl_p2p_disable", False), decode_rank=vae is not None,
+                       nccl_p2p_disable=getattr(args, "nccl_p2p_disable", False), decode_rank=decode_rank,
                        sp=getattr(args, "sp", 1))
-    sampler = DistributedSampler(opts, cfg, cond.text, cond.audio, cond.sink, seed, vae=vae)
-    return sampler.frames if vae is not None else sampler.blocks

@@ -564,7 +564,10 @@ class WorkerPool:
             return
         upto = min(state["total"], delivered + self.feed_ahead())
         while state["next"] < upto:
-            message = {**feed(state["next"]), "job": job_id}
+            message = feed(state["next"])
+            if message is None:  # not ready yet (live audio still arriving): tried again on the next poll
+                return
+            message = {**message, "job": job_id}
             data = protocol.frame(message)
             try:
                 for rank in self._dit_ranks():
@@ -678,7 +681,9 @@ class WorkerPool:
         """Send ``job`` to every rank; yield its ``block`` messages in arrival order.
 
         ``feed(g)``: block g's per-block message (e.g. ``{"type": "audio", ...}``), sent to the DiT ranks
-        while the job runs, ``feed_ahead()`` blocks ahead of the blocks delivered.
+        while the job runs, ``feed_ahead()`` blocks ahead of the blocks delivered. It may return None when
+        block g's input is not there yet (live audio): it is asked again every ``poll_s`` while the blocks
+        already made keep being received, so a live feed never holds back a finished block.
 
         ``check_cancel`` is polled while waiting; when it raises, every rank is told to stop
         at the next agreed block, the pool is drained (stays warm) and the exception is
@@ -708,11 +713,12 @@ class WorkerPool:
                             interrupt = exc
                             self._send_all({"type": "cancel", "job": job_id})
                     rank, msg = self._next(poll_s, "running")
-                    if msg is None or msg.get("job") != job_id:
-                        continue
-                    if msg["type"] == "block":
+                    ours = msg is not None and msg.get("job") == job_id
+                    if ours and msg["type"] == "block":
                         fed["delivered"] += 1
-                        self._feed(job_id, feed, fed, fed["delivered"], "running")
+                    self._feed(job_id, feed, fed, fed["delivered"], "running")  # every poll: a feed may wait for input
+                    if not ours:
+                        continue
                     if msg["type"] == "block" and interrupt is None:
                         yield msg
                     elif msg["type"] == "done":
@@ -746,7 +752,8 @@ class WorkerPool:
                     done[rank] = msg["stats"]
                 elif msg is not None and msg.get("job") == job_id and msg["type"] == "block" and fed is not None:
                     fed["delivered"] += 1
-                    top_up()
+                if fed is not None:
+                    top_up()  # every poll: a rank may be waiting for the input of a block it started
             if len(done) < self.world:
                 self._teardown()
             self.last_stats = done

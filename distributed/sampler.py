@@ -65,6 +65,7 @@ class DistributedSampler:
         self.check_cancel = check_cancel
         self.vae = dict(vae) if vae is not None else None  # {"kind": "wan_vae", "path", "config"} | {"kind": "tiny_vae", "seed"}
         self.stats: dict[int, dict] = {}
+        self.poll_s = 0.05  # how often the pool checks check_cancel (and a polled live feed)
 
     def _rope_spec(self, num_clips: int) -> dict:
         r = self.rope_offsets
@@ -101,15 +102,22 @@ class DistributedSampler:
         """Block g's message to the DiT ranks: its audio features, the frames its plan reads."""
         plan = self.schedule(num_clips)
 
-        def block_audio(g: int) -> dict:
+        # a live source (``try_frames``: None until the block's audio is there) is polled, never waited on,
+        # so the pool keeps receiving the blocks already made while the audio of later ones arrives
+        read = getattr(self.audio, "try_frames", self.audio.frames)
+
+        def block_audio(g: int) -> dict | None:
             p = plan.block_at(g)
-            features = self.audio.frames(p.audio_start, p.audio_stop).detach().cpu().clone()  # no view of a track
+            features = read(p.audio_start, p.audio_stop)
+            if features is None:
+                return None
+            features = features.detach().cpu().clone()  # no view of a track
             return {"type": "audio", "index": g, "start": p.audio_start, "stop": p.audio_stop, "features": features}
 
         return block_audio
 
     def _run(self, num_clips: int) -> Iterator[dict]:
-        return self.pool.run(self.job(num_clips), self.check_cancel, feed=self.feed(num_clips))
+        return self.pool.run(self.job(num_clips), self.check_cancel, self.poll_s, feed=self.feed(num_clips))
 
     def blocks(self, num_clips: int) -> Iterator[BlockOutput]:
         if self.pool.options.decode_rank:

@@ -13,14 +13,14 @@ import torch
 from ..liveavatar.config import SamplerConfig
 from ..liveavatar.image import load_reference_image, resize_center_crop
 from ..liveavatar.pipeline import encode_reference
-from ..liveavatar.sampler import SinkInputs
+from ..liveavatar.sampler import Cancelled, SinkInputs, StreamingSampler
 from ..liveavatar.stream_audio import StreamingAudioConfig, StreamingFeatures
 from ..liveavatar.transformer import TextContext
 
 
 @dataclass
 class LiveModels:
-    model: Any  # LiveAvatarTransformer
+    model: Any  # LiveAvatarTransformer (None when a worker pool holds it)
     vae: Any  # WanVAE
     audio_encoder: torch.nn.Module
     text: TextContext | torch.Tensor
@@ -30,14 +30,34 @@ class LiveModels:
     image: Any  # default reference (PIL image or path)
     name: str = "models"
     stream: StreamingAudioConfig = field(default_factory=StreamingAudioConfig)
+    spec: dict | None = None  # the DiT as a worker pool's model spec (distributed/launcher.py model_spec)
+
+
+LIVE_HOURS = 24  # a pool job covers this much video; a longer session simply starts the next job
 
 
 class Engine:
-    """Holds the models; hands out the single generation slot; caches encoded references."""
+    """Holds the models; hands out the single generation slot; caches encoded references.
 
-    def __init__(self, models: LiveModels):
+    With ``pool`` (``PoolOptions``, e.g. 2 workers in tpp) the DiT runs on a warm worker pool started
+    once with the server (:meth:`start`) and released with it (:meth:`close`); the VAE, the audio
+    features and the encoder stay in this process. One session at a time uses the pool."""
+
+    def __init__(self, models: LiveModels, pool: Any = None):
         self.models = models
-        if not isinstance(models.text, TextContext):
+        self.pool = None
+        self.closed = False
+        if pool is not None:
+            from ..distributed.launcher import WorkerPool, check_sp_layout
+
+            if models.spec is None:
+                raise ValueError(f"{models.name}: no worker model spec, so no worker pool")
+            if not torch.is_tensor(models.text):
+                raise ValueError("a worker pool takes the text context as a tensor [L, text_dim]")
+            check_sp_layout(pool.mode, pool.workers * pool.nnodes, pool.sp_size, models.cfg.steps)
+            self.text_tensor = models.text.detach().cpu()
+            self.pool = WorkerPool(pool)
+        if self.pool is None and not isinstance(models.text, TextContext):
             models.text = models.model.embed_text(models.text)
         self._slot = threading.Lock()
         self._refs: OrderedDict[str, SinkInputs] = OrderedDict()
@@ -56,6 +76,54 @@ class Engine:
     @property
     def busy(self) -> bool:
         return self._slot.locked()
+
+    # -- the worker pool -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the workers now (the server starts listening once they are warm); no-op without a pool."""
+        if self.pool is not None:
+            self.pool.start()
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One clip of silence through the pool: a fresh pool's first blocks pay one-off costs (first
+        collectives, kernels), which the first session's time to first frame would otherwise show; this
+        also encodes (caches) the default reference."""
+        from ..distributed.sampler import DistributedSampler
+        from ..liveavatar.sampler import TensorAudio
+
+        m = self.models
+        feats = self.features()
+        feats.pad_silence(feats.samples_needed(m.cfg.frames_per_clip))
+        audio = TensorAudio(feats.frames(0, m.cfg.frames_per_clip))
+        sampler = DistributedSampler(self.pool, m.cfg, self.text_tensor, audio, self.encode(self.pixels()), m.seed)
+        for _ in sampler.blocks(1):
+            pass
+
+    def close(self, wait_s: float = 60.0) -> None:
+        """Release the workers: the running session (if any) is cancelled and waited for, then the pool closes
+        (a session that starts later refuses to relaunch it). No-op without a pool."""
+        if self.pool is None:
+            return
+        self.closed = True
+        session = self.active
+        if session is not None:
+            session.cancel()
+            session.thread.join(wait_s)
+        self.pool.close()
+
+    def sampler(self, sink: SinkInputs, audio, check_cancel):
+        """The block source of one reference: ``(sampler, num_clips)``, local or on the pool."""
+        m = self.models
+        if self.pool is None:
+            return StreamingSampler(m.model, m.cfg, m.text, audio, sink, m.seed, check_cancel=check_cancel), 1 << 30
+        from ..distributed.sampler import DistributedSampler
+
+        if self.closed:
+            raise Cancelled("the server is shutting down")
+        sampler = DistributedSampler(self.pool, m.cfg, self.text_tensor, audio, sink, m.seed,
+                                     check_cancel=check_cancel)
+        sampler.poll_s = 0.01  # the live feed is polled: a block's audio goes out within 10 ms of arriving
+        return sampler, -(-LIVE_HOURS * 3600 * m.cfg.fps // m.cfg.frames_per_clip)
 
     # -- references ----------------------------------------------------------------------------------
     def pixels(self, image: Any = None, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -105,4 +173,5 @@ def demo_models(size: str = "128*128", seed: int = 42, steps: int = 4, frames_pe
     with torch.inference_mode():
         text = encode_text(text_encoder, ids, mask)
     return LiveModels(tiny_transformer(seed=seed, cfg=dit_cfg), tiny_vae(seed=1), tiny_audio_encoder(seed=2), text,
-                      cfg, size, seed, synth_face(), "tiny demo models", stream)
+                      cfg, size, seed, synth_face(), "tiny demo models", stream,
+                      spec={"kind": "tiny", "seed": seed, "config": dict(dit_cfg.__dict__)})

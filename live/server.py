@@ -163,11 +163,19 @@ def make_app(engine: Engine, pacing: Pacing | None = None) -> web.Application:
         for conn in list(app[CONNECTIONS]):
             await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
 
+    async def start_workers(app: web.Application) -> None:  # before listening: the first session finds them warm
+        await asyncio.get_running_loop().run_in_executor(None, engine.start)
+
+    async def release_workers(app: web.Application) -> None:  # after the sockets closed: sessions are stopping
+        await asyncio.get_running_loop().run_in_executor(None, engine.close)
+
     app.router.add_get("/", index)
     app.router.add_get("/reference.png", reference)
     app.router.add_get("/api/info", info)
     app.router.add_get("/ws", websocket)
     app.on_shutdown.append(on_shutdown)
+    app.on_startup.append(start_workers)
+    app.on_cleanup.append(release_workers)
     return app
 
 

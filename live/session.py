@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..liveavatar.config import SamplerConfig
-from ..liveavatar.sampler import Cancelled, SinkInputs, StreamingSampler
+from ..liveavatar.sampler import Cancelled, SinkInputs
 from ..liveavatar.stream_audio import StreamingFeatures
 from ..liveavatar.vae import BlockDecoder, to_uint8
 from .muxer import AUDIO_RATE, LiveMuxer, Segment
@@ -54,6 +54,8 @@ class LiveAudio:
         self.flush = False  # end of utterance: pad the look-ahead now
         self.arrivals: list[tuple[int, float]] = [(0, self.t0)]  # (timeline sample, wall time) of each piece
         self.pads: list[tuple[int, int]] = []  # (timeline sample, count) of each silence padding
+        self.draining = False  # a pool job is stopping: its remaining blocks get zeros (their output is dropped)
+        self._shape: tuple[int, ...] | None = None  # of the last features handed out
 
     # -- producer side (the connection) ------------------------------------------------------------
     def push(self, samples: np.ndarray) -> None:
@@ -96,14 +98,38 @@ class LiveAudio:
                     raise Cancelled()
                 now = time.monotonic()
                 if self.flush or now >= self.due(needed) + self.pacing.grace:
-                    self._arrive()
-                    self.pads.append((self.features.length, needed - self.features.length))
-                    del self.pads[:-10000]
-                    self.features.pad_silence(needed - self.features.length)
+                    self._pad(needed)
                     break
                 self.cond.wait(min(0.05, self.due(needed) + self.pacing.grace - now))
             prepared = self.features.prepare(a, b)
         return self.features.encode(prepared)  # outside the lock: the connection keeps pushing audio
+
+    def try_frames(self, start: int, stop: int) -> torch.Tensor | None:
+        """``frames`` without the wait, for a worker pool's feed (polled): None while the block's audio is
+        not there and not yet due for silence padding. Once cancelled (or while a job stops for a new
+        reference) it answers at once, zeros: the ranks finish the blocks they started (their output is
+        dropped) and the pool stays usable."""
+        a, b = start + self.offset, stop + self.offset
+        needed = self.features.samples_needed(b)
+        stopping = self.cancelled.is_set() or self.draining
+        if stopping and self._shape is not None:  # the timeline is left as it is for the next job
+            return torch.zeros(*self._shape[:-1], stop - start)
+        with self.cond:
+            if self.features.length < needed:
+                if not (stopping or self.flush or time.monotonic() >= self.due(needed) + self.pacing.grace):
+                    return None
+                self._pad(needed)
+            prepared = self.features.prepare(a, b)
+        out = self.features.encode(prepared)
+        self._shape = tuple(out.shape)
+        return out
+
+    def _pad(self, needed: int) -> None:
+        """Silence up to ``needed`` (caller holds ``cond``)."""
+        self._arrive()
+        self.pads.append((self.features.length, needed - self.features.length))
+        del self.pads[:-10000]
+        self.features.pad_silence(needed - self.features.length)
 
 
 @dataclass
@@ -195,11 +221,19 @@ class LiveSession:
         """One reference: sampler + decoder until cancelled or a new reference is waiting."""
         cfg = self.cfg
         self.audio.offset = self.frames_out
-        sampler = StreamingSampler(self.model, cfg, self.text, self.audio, sink, self.seed,
-                                   check_cancel=self._check_cancel)
+        sampler, num_clips = self.engine.sampler(sink, self.audio, self._check_cancel)
         decoder = BlockDecoder.from_config(self.vae, cfg)
         decoder.warm_up(sink.motion_latents)
-        for index, block in enumerate(sampler.blocks(1 << 30)):
+        blocks = sampler.blocks(num_clips)
+        try:
+            self._stream(cfg, decoder, blocks)
+        finally:  # a pool's job stops here (cancel, new reference): its last blocks' output is dropped
+            self.audio.draining = True
+            blocks.close()
+            self.audio.draining = False
+
+    def _stream(self, cfg: SamplerConfig, decoder: BlockDecoder, blocks) -> None:
+        for index, block in enumerate(blocks):
             self._check_cancel()
             frames = to_uint8(decoder.decode_block(block.latents)).numpy()
             start = block.clip * cfg.frames_per_clip + block.block * cfg.frames_per_block + self.audio.offset
@@ -216,7 +250,10 @@ class LiveSession:
                 sound_to = max(sound_from, min(features.length, round(self.frames_out * features.samples_per_frame)
                                                + SOUND_LEAD))
                 sound = features.samples(sound_from, sound_to)
-                features.hold_from = sound_to
+                # a pool reads features ahead; a new reference re-reads from the next frame: keep its window
+                features.hold_from = sound_to if self.engine.pool is None else \
+                    max(0, min(sound_to, round(self.frames_out * features.samples_per_frame) - features.context
+                               - features.audio.sample_rate))
             with self._lock:
                 event.written = time.monotonic()
                 self._pending.append(event)
