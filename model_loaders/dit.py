@@ -268,6 +268,18 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _finish_lora_report(model: nn.Module, report, lora_report, lora_file, lora_modules, linear_types) -> None:
+    """Sort the merged/replaced lists, name the LoRA-able Linears the file left out, attach it to ``report``."""
+    lora_report.merged.sort()
+    lora_report.replaced.sort()
+    targets = ("q", "k", "v", "o", "ffn.0", "ffn.2")
+    lora_report.uncovered = [
+        n for n, m in model.named_modules()
+        if isinstance(m, linear_types) and n not in lora_modules and any(n == t or n.endswith("." + t) for t in targets)
+    ]
+    report.lora, report.lora_path, report.lora_alpha_source = lora_report, lora_file.path, lora_file.alpha_source
+
+
 def load_dit(
     path: str | os.PathLike,
     lora: str | os.PathLike | None = None,
@@ -388,14 +400,7 @@ def load_dit(
         if leftover:  # cannot happen after _check_keys; a guard against silent half-built models
             raise ModelFileError(f"{path}: tensors not materialised: {_listing(leftover)}")
         if lora_report is not None:
-            lora_report.merged.sort()
-            lora_report.replaced.sort()
-            targets = ("q", "k", "v", "o", "ffn.0", "ffn.2")
-            lora_report.uncovered = [
-                n for n, m in model.named_modules()
-                if isinstance(m, (nn.Linear, FP8Linear)) and n not in lora_modules and any(n == t or n.endswith("." + t) for t in targets)
-            ]
-            report.lora, report.lora_path, report.lora_alpha_source = lora_report, lora_file.path, lora_file.alpha_source
+            _finish_lora_report(model, report, lora_report, lora_file, lora_modules, (nn.Linear, FP8Linear))
         model.eval()
         report.model_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         report.seconds = time.perf_counter() - t0

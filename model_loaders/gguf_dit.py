@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 
 from ..liveavatar.lora import LoraReport
-from .dit import (KIND_NAMES, PRECISIONS, DiTLoadReport, _check_keys, _check_lora, _EXPECTED, _listing, _release,
-                  _resolve_config, _set_tensor, _target_dtype, empty_model)
+from .dit import (KIND_NAMES, PRECISIONS, DiTLoadReport, _check_keys, _check_lora, _EXPECTED, _finish_lora_report,
+                  _listing, _release, _resolve_config, _set_tensor, _target_dtype, empty_model)
 from .formats import ModelFileError
 from .fp8 import _set_submodule
 from .gguf_file import GGUFCheckpoint
@@ -181,14 +181,7 @@ def load_gguf_dit(
         if leftover:
             raise ModelFileError(f"{path}: tensors not materialised: {_listing(leftover)}")
         if lora_report is not None:
-            lora_report.merged.sort()
-            lora_report.replaced.sort()
-            targets = ("q", "k", "v", "o", "ffn.0", "ffn.2")
-            lora_report.uncovered = [
-                n for n, m in model.named_modules()
-                if isinstance(m, (nn.Linear, GGUFLinear)) and n not in lora_modules and any(n == t or n.endswith("." + t) for t in targets)
-            ]
-            report.lora, report.lora_path, report.lora_alpha_source = lora_report, lora_file.path, lora_file.alpha_source
+            _finish_lora_report(model, report, lora_report, lora_file, lora_modules, (nn.Linear, GGUFLinear))
             report.lora_mode = lora_mode if lora_modules & set(quantized) else "merge"
             if sq_ref:
                 report.requant_error = (sq_err / sq_ref) ** 0.5

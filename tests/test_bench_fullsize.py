@@ -6,7 +6,6 @@ on a scaled-down model; the FLOP formula is checked against torch's FlopCounterM
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_modules import bench_module
 
 from liveavatar_pack.liveavatar.config import WAN_S2V_14B, DiTConfig, SamplerConfig
 
@@ -24,17 +24,7 @@ HEADER = ("config", "size", "placement", "ms/blk-step", "fps", "peak GiB", "allo
 
 
 def _bench_module():
-    if "bench_fullsize" in sys.modules:
-        return sys.modules["bench_fullsize"]
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_fullsize", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_fullsize"] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    return bench_module("bench_fullsize")
 
 
 @pytest.fixture(scope="module")

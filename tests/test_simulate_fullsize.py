@@ -14,7 +14,6 @@ subprocess (the simulated device is a process-wide PyTorch backend registration)
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -23,23 +22,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_modules import bench_module
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "simulate_fullsize.py"
 
 
 def _module():
-    if "simulate_fullsize" in sys.modules:
-        return sys.modules["simulate_fullsize"]
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("simulate_fullsize", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["simulate_fullsize"] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    return bench_module("simulate_fullsize")
 
 
 @pytest.fixture(scope="module")
