@@ -69,12 +69,11 @@ import contextlib
 import json
 import math
 import struct
-import sys
 import tempfile
 import time
 import warnings
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -323,6 +322,7 @@ def fake_session(tracker: LiveBytes):
 
     from liveavatar_pack.liveavatar import rope
     from liveavatar_pack.liveavatar import sampler as sampler_mod
+    from liveavatar_pack.liveavatar import attention as attention_mod
     from liveavatar_pack.liveavatar import transformer as transformer_mod
     from liveavatar_pack.liveavatar import vae as vae_mod
     from liveavatar_pack.model_loaders import dit, fp8, formats
@@ -386,7 +386,9 @@ def fake_session(tracker: LiveBytes):
         return tuple(mode.from_tensor(t) for t in real_meta(schedule)(cfg))
 
     vae_mod.WanVAE.__init__, sampler_mod.flow_schedule = init_vae, fake_schedule
+    # self-attention calls transformer.attention, cross-attention the processors' attention.attention
     attention, transformer_mod.attention = transformer_mod.attention, flash_attention
+    cross_attention, attention_mod.attention = attention_mod.attention, flash_attention
     dit.empty_model, dit.replace_linears = real_meta(empty_model), real_meta(replace_linears)
     fp8.fp8_matmul_supported = lambda device: device.type == SIM or supported(device)
     rope.device_rope_table.cache_clear()
@@ -399,7 +401,7 @@ def fake_session(tracker: LiveBytes):
         rope.device_rope_table.cache_clear()
         formats.Checkpoint.read, formats.Checkpoint.read_as = read, read_as
         vae_mod.WanVAE.__init__, sampler_mod.flow_schedule = vae_init, schedule
-        transformer_mod.attention = attention
+        transformer_mod.attention, attention_mod.attention = attention, cross_attention
         dit.empty_model, dit.replace_linears, fp8.fp8_matmul_supported = empty_model, replace_linears, supported
 
 
@@ -531,7 +533,6 @@ def simulate(files: Files, cfg: DiTConfig, scfg: SamplerConfig, precision: str, 
 def encode(files: Files, cfg: DiTConfig, scfg: SamplerConfig, device, tracker: LiveBytes):
     """Text and audio encoders: loaded on the host, moved to the device to encode, offloaded back
     (returned, so the caller decides how long their host copies live)."""
-    from liveavatar_pack.liveavatar.text import encode_text
     from liveavatar_pack.model_loaders.audio_encoder import load_audio_encoder
     from liveavatar_pack.model_loaders.text_encoder import load_text_encoder
 
