@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 
+import aiohttp
 from aiohttp import web
 
 
@@ -42,3 +44,18 @@ class ServerThread:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+async def until(ws, want, timeout: float = 300.0) -> list[dict]:
+    """Text messages up to (and including) the first for which ``want(msg)``; binary frames skipped;
+    a close ends the list with {"type": "closed", "code": ...}."""
+    seen = []
+    while True:
+        msg = await asyncio.wait_for(ws.receive(), timeout)
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            continue
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            return seen + [{"type": "closed", "code": ws.close_code}]
+        seen.append(json.loads(msg.data))
+        if want(seen[-1]):
+            return seen

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from live_server import ServerThread, free_port
+from live_server import ServerThread, free_port, until
 from liveavatar_pack.live.engine import Engine, demo_models
 from liveavatar_pack.live.server import make_app
 
@@ -207,26 +207,6 @@ def _pcm(seconds: float, rate: int, channels: int = 1) -> bytes:
     return (x * 32767).astype("<i2").tobytes()
 
 
-async def _until(ws, want, timeout: float = 300.0) -> list[dict]:
-    """Text messages up to (and including) the first for which ``want(msg)``; binary frames skipped."""
-    import asyncio
-    import json
-
-    import aiohttp
-
-    seen = []
-    while True:
-        msg = await asyncio.wait_for(ws.receive(), timeout)
-        if msg.type == aiohttp.WSMsgType.BINARY:
-            continue
-        if msg.type != aiohttp.WSMsgType.TEXT:
-            seen.append({"type": "closed", "code": ws.close_code})
-            return seen
-        seen.append(json.loads(msg.data))
-        if want(seen[-1]):
-            return seen
-
-
 def _run(coro):
     import asyncio
 
@@ -255,22 +235,22 @@ def test_garbage_and_oversized_messages_get_errors_and_the_server_stays_up(serve
         async with aiohttp.ClientSession() as http:
             async with http.ws_connect(_ws(server)) as ws:
                 await ws.send_str("{not json")
-                err = (await _until(ws, lambda m: True))[-1]
+                err = (await until(ws, lambda m: True))[-1]
                 assert err["type"] == "error" and "expected a JSON control message" in err["message"]
                 await ws.send_bytes(b"\x00\x01\x02")
-                err = (await _until(ws, lambda m: True))[-1]
+                err = (await until(ws, lambda m: True))[-1]
                 assert err == {"type": "error", "message": "PCM before a start message (send start with "
                                                            "sample_rate, channels, format first)"}
                 await ws.send_str('{"type": "dance"}')
-                assert "needs a running session" in (await _until(ws, lambda m: True))[-1]["message"]
+                assert "needs a running session" in (await until(ws, lambda m: True))[-1]["message"]
                 await ws.send_str('{"type": "start", "sample_rate": 1000}')
-                assert "sample_rate must be an integer in 8000..192000" in (await _until(ws, lambda m: True))[-1]["message"]
+                assert "sample_rate must be an integer in 8000..192000" in (await until(ws, lambda m: True))[-1]["message"]
             async with http.ws_connect(_ws(server), max_msg_size=0) as ws:
                 try:
                     await ws.send_bytes(b"\x00" * (MAX_MESSAGE_BYTES + 1))
                 except ConnectionError:
                     pass  # the server hung up while the rest of the message was still being written
-                closed = (await _until(ws, lambda m: False))[-1]
+                closed = (await until(ws, lambda m: False))[-1]
                 assert closed["type"] == "closed" and closed["code"] in (aiohttp.WSCloseCode.MESSAGE_TOO_BIG, aiohttp.WSCloseCode.ABNORMAL_CLOSURE)
                 assert ws.closed
 
@@ -290,7 +270,7 @@ def test_non_image_upload_is_refused_without_starting(server, engine):
             async with http.ws_connect(_ws(server)) as ws:
                 await ws.send_str(json.dumps({"type": "start", "sample_rate": 16000,
                                               "image": base64.b64encode(b"%PDF-1.4 not an image").decode()}))
-                return (await _until(ws, lambda m: True))[-1]
+                return (await until(ws, lambda m: True))[-1]
 
     err = _run(go())
     assert err["type"] == "error"
@@ -308,12 +288,12 @@ def test_audio_at_8_and_96_khz_is_resampled_and_streams(server, engine, rate, ch
         async with aiohttp.ClientSession() as http:
             async with http.ws_connect(_ws(server)) as ws:
                 await ws.send_str(json.dumps({"type": "start", "sample_rate": rate, "channels": channels}))
-                await _until(ws, lambda m: m["type"] == "accepted")
+                await until(ws, lambda m: m["type"] == "accepted")
                 await ws.send_bytes(_pcm(1.0, rate, channels))  # 1 s at once: queued, not dropped
                 await ws.send_str('{"type": "end_utterance"}')
-                msgs = await _until(ws, lambda m: m["type"] == "block" and m["first_frame"] >= 25)
+                msgs = await until(ws, lambda m: m["type"] == "block" and m["first_frame"] >= 25)
                 await ws.send_str('{"type": "stop"}')
-                msgs += await _until(ws, lambda m: m["type"] == "end")
+                msgs += await until(ws, lambda m: m["type"] == "end")
                 return msgs
 
     msgs = _run(go())
@@ -367,12 +347,12 @@ def test_second_session_gets_busy_while_one_generates(server, engine):
         async with aiohttp.ClientSession() as http:
             async with http.ws_connect(_ws(server)) as first, http.ws_connect(_ws(server)) as second:
                 await first.send_str(json.dumps({"type": "start", "sample_rate": 16000}))
-                await _until(first, lambda m: m["type"] == "accepted")
+                await until(first, lambda m: m["type"] == "accepted")
                 await second.send_str(json.dumps({"type": "start", "sample_rate": 16000}))
-                answer = await _until(second, lambda m: m["type"] in ("busy", "accepted"))
-                closed = await _until(second, lambda m: False)
+                answer = await until(second, lambda m: m["type"] in ("busy", "accepted"))
+                closed = await until(second, lambda m: False)
                 await first.send_str('{"type": "stop"}')
-                await _until(first, lambda m: m["type"] == "end")
+                await until(first, lambda m: m["type"] == "end")
                 return answer[-1], closed[-1]
 
     answer, closed = _run(go())
@@ -396,11 +376,11 @@ def test_idle_without_audio_and_a_new_reference_mid_session(server, engine):
         async with aiohttp.ClientSession() as http:
             async with http.ws_connect(_ws(server)) as ws:
                 await ws.send_str(json.dumps({"type": "start", "sample_rate": 16000}))
-                msgs = await _until(ws, lambda m: m["type"] == "block" and m["index"] >= 1)
+                msgs = await until(ws, lambda m: m["type"] == "block" and m["index"] >= 1)
                 await ws.send_str(json.dumps({"type": "image", "image": base64.b64encode(png.getvalue()).decode()}))
-                msgs += await _until(ws, lambda m: m["type"] == "block" and m["first_frame"] >= 45)
+                msgs += await until(ws, lambda m: m["type"] == "block" and m["first_frame"] >= 45)
                 await ws.send_str('{"type": "stop"}')
-                return msgs + await _until(ws, lambda m: m["type"] == "end")
+                return msgs + await until(ws, lambda m: m["type"] == "end")
 
     msgs = _run(go())
     blocks = [m for m in msgs if m["type"] == "block"]
@@ -427,11 +407,11 @@ def test_generation_behind_real_time_is_reported(engine):
         async with aiohttp.ClientSession() as http:
             async with http.ws_connect(_ws(srv)) as ws:
                 await ws.send_str(json.dumps({"type": "start", "sample_rate": 16000}))
-                await _until(ws, lambda m: m["type"] == "accepted")
+                await until(ws, lambda m: m["type"] == "accepted")
                 await ws.send_bytes(_pcm(4.0, 16000))
-                msgs = await _until(ws, lambda m: m["type"] == "block" and m["index"] >= 4)
+                msgs = await until(ws, lambda m: m["type"] == "block" and m["index"] >= 4)
                 await ws.send_str('{"type": "stop"}')
-                return msgs + await _until(ws, lambda m: m["type"] == "end")
+                return msgs + await until(ws, lambda m: m["type"] == "end")
 
     model.forward_block = slow
     try:

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from live_server import ServerThread
+from live_server import ServerThread, until
 from liveavatar_pack.live.engine import Engine, demo_models
 from liveavatar_pack.live.server import make_app
 from liveavatar_pack.live.session import Pacing
@@ -38,25 +38,6 @@ def _wait_idle(engine, timeout: float = 60.0) -> None:
     while engine.busy:
         assert time.monotonic() < deadline, "the session did not end and free the engine"
         time.sleep(0.05)
-
-
-async def _until(ws, want, timeout: float = 120.0) -> list[dict]:
-    """Text messages up to (and including) the first for which ``want(msg)``; binary frames skipped."""
-    import asyncio
-    import json
-
-    import aiohttp
-
-    seen = []
-    while True:
-        msg = await asyncio.wait_for(ws.receive(), timeout)
-        if msg.type == aiohttp.WSMsgType.BINARY:
-            continue
-        if msg.type != aiohttp.WSMsgType.TEXT:
-            return seen + [{"type": "closed", "code": ws.close_code}]
-        seen.append(json.loads(msg.data))
-        if want(seen[-1]):
-            return seen
 
 
 def _alive(pids) -> list[int]:
@@ -130,11 +111,11 @@ def test_live_tpp_pool_matches_one_process_is_reused_and_cancels(tmp_path):
                 async with http.ws_connect(f"ws://127.0.0.1:{srv.port}/ws") as ws:
                     await ws.send_str(json.dumps({"type": "start", "sample_rate": 16000}))
                     await ws.send_str(json.dumps({"type": "end_utterance"}))
-                    msgs = await _until(ws, lambda m: m["type"] == "block" and m["index"] >= 1)
+                    msgs = await until(ws, lambda m: m["type"] == "block" and m["index"] >= 1)
                     await ws.send_str(json.dumps({"type": "image", "image": base64.b64encode(png.getvalue()).decode()}))
-                    msgs += await _until(ws, lambda m: m["type"] == "block" and m["first_frame"] >= 45)
+                    msgs += await until(ws, lambda m: m["type"] == "block" and m["first_frame"] >= 45)
                     await ws.send_str('{"type": "stop"}')
-                    return msgs + await _until(ws, lambda m: m["type"] == "end")
+                    return msgs + await until(ws, lambda m: m["type"] == "end")
 
         msgs = asyncio.run(new_reference())
         assert not [m for m in msgs if m["type"] == "error"]
